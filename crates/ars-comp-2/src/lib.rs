@@ -1,0 +1,117 @@
+//! ars-comp-2: the HTTP relay in front of the legacy backend.
+//!
+//! `POST /ID_REQ_KC_STORE7D3BPACKET` with `{"id","body"}` (extra fields ignored) is forwarded
+//! as `POST TARGET_URL` with the JSON object `{"id","body","request_id"}` and the
+//! `Request-Id` header, always over HTTP/1.1 since the legacy backend speaks nothing else.
+//! 200 `{"status":"success",...}` when the backend answered 2xx; 502/503/504 with a JSON
+//! error when it did not; 4xx with a JSON error for bad input.
+//!
+//! Environment: the server and logging variables of `lps-common`, plus `TARGET_URL`
+//! (default `http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET`), `SKIP_DNS_CACHE`,
+//! `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`. `USE_HTTP_2` is
+//! ignored on the outbound side (a warning says so); inbound accepts HTTP/1.1 and h2c.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::post;
+use http::HeaderMap;
+use lps_common::api::{self, ApiError, Body};
+use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::request_id::RequestId;
+use lps_common::server::Protocols;
+use lps_common::telemetry::TelemetryConfig;
+use lps_common::upstream::{Upstream, UpstreamConfig};
+use lps_common::wire::{LegacyMessage, STORE_PATH};
+use lps_common::{Registry, finish_router, service};
+use tracing::{debug, warn};
+
+/// Default target: the simulator on its usual port.
+pub const DEFAULT_TARGET: &str = "http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET";
+
+/// Everything ars-comp-2 reads from the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Inbound server.
+    pub server: ServerConfig,
+    /// Logging.
+    pub telemetry: TelemetryConfig,
+    /// Outbound client; HTTP/1.1 whatever `USE_HTTP_2` says.
+    pub upstream: UpstreamConfig,
+    /// Whether `USE_HTTP_2` asked for h2c (ignored, reported at start-up).
+    pub http2_requested: bool,
+}
+
+impl Config {
+    /// Reads the configuration from `lookup`.
+    pub fn from_lookup(lookup: &dyn Lookup) -> Result<Self, ConfigError> {
+        let env = Env::new(lookup);
+        let mut upstream = UpstreamConfig::from_env(&env, DEFAULT_TARGET)?;
+        let http2_requested = upstream.http2;
+        upstream.http2 = false;
+        Ok(Self {
+            server: ServerConfig::from_env(&env, 8080)?,
+            telemetry: TelemetryConfig::from_env(&env, "ars-comp-2")?,
+            upstream,
+            http2_requested,
+        })
+    }
+}
+
+/// The router: the relay route plus `/healthz` and `/metrics`.
+pub fn app(upstream: Arc<Upstream>, registry: Registry, max_body_bytes: usize) -> Router {
+    let routes = Router::new()
+        .route(STORE_PATH, post(store))
+        .with_state(upstream);
+    finish_router(routes, registry, max_body_bytes)
+}
+
+/// Builds the client and serves until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    if config.http2_requested {
+        warn!("USE_HTTP_2 is ignored: the legacy backend speaks HTTP/1.1 only");
+    }
+    let mut registry = Registry::default();
+    let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry)?);
+    let app = app(upstream, registry, config.server.max_body_bytes);
+    service::serve_until_signal(&config.server, app, Protocols::Http1AndH2c).await
+}
+
+async fn store(
+    State(upstream): State<Arc<Upstream>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let message: LegacyMessage = api::parse_json(&body)?;
+    // The header wins; an id carried in the body is the fallback; else a new one.
+    let request_id = match (
+        headers.contains_key(&lps_common::request_id::REQUEST_ID),
+        &message.request_id,
+    ) {
+        (false, Some(id)) => RequestId::parse(id)?,
+        _ => RequestId::from_headers(&headers)?,
+    };
+    let outbound = LegacyMessage {
+        request_id: Some(request_id.to_string()),
+        ..message
+    };
+    let payload = serde_json::to_vec(&outbound).map_err(|e| {
+        ApiError::new(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )
+    })?;
+    match upstream.post_json(payload.into(), &request_id).await {
+        Ok(_) => {
+            debug!(%request_id, "forwarded");
+            Ok(api::success())
+        }
+        Err(error) => {
+            warn!(%request_id, %error, "forwarding failed");
+            Err(error.to_api_error())
+        }
+    }
+}

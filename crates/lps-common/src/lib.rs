@@ -1,0 +1,49 @@
+//! Shared building blocks of the LPS services.
+//!
+//! Data flow of a relay built from these parts: [`server::bind`] opens a tuned listener,
+//! [`server::serve`] runs an axum router on it (HTTP/1.1 and h2c on one port) until the
+//! [`server::shutdown_on_signals`] token fires; the handler validates input
+//! ([`api`], [`request_id`]), and forwards with an [`upstream::Upstream`] built once at
+//! start-up (pooled h2c or HTTP/1.1 client, round-robin targets, [`dns`] cache).
+//! [`metrics`] adds `/healthz`, `/metrics` and request accounting; [`telemetry`] logs to
+//! stdout and `logs/<SERVICE_NAME>.log`.
+//!
+//! Environment variables read here (each service adds its own):
+//! `HTTP_HOST`, `HTTP_PORT`, `LISTEN_BACKLOG`, `SHUTDOWN_GRACE_SECS`, `MAX_BODY_BYTES`,
+//! `SERVICE_NAME`, `LOG`, `LOG_FORMAT`, `LOG_DIR`, `TARGET_URL`, `USE_HTTP_2`,
+//! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`.
+
+pub mod api;
+pub mod config;
+pub mod dns;
+pub mod metrics;
+pub mod request_id;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod upstream;
+pub mod wire;
+
+pub use prometheus_client::registry::Registry;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+
+/// Finishes a service router: adds `/healthz` and `/metrics`, JSON 404/405 fallbacks, the
+/// body limit, and request metrics.
+pub fn finish_router(app: Router, mut registry: Registry, max_body_bytes: usize) -> Router {
+    let http = metrics::HttpMetrics::register(&mut registry);
+    app.merge(metrics::ops_routes(Arc::new(registry)))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(http, metrics::track))
+}
+
+/// Prints a configuration error on one line and exits with code 64.
+pub fn exit_on_config_error(error: &config::ConfigError) -> ! {
+    eprintln!("{error}");
+    std::process::exit(config::EXIT_CONFIG)
+}

@@ -1,0 +1,412 @@
+//! The outbound HTTP client of a relay: one pooled client built at start-up, a list of
+//! targets used round-robin, and a DNS cache.
+//!
+//! `TARGET_URL` may name several URLs separated by commas. Each request goes to the next
+//! target in turn; a target that refuses a connection or times out is skipped for a
+//! cool-down (`TARGET_COOLDOWN_MS`) and probed again afterwards. A request whose
+//! connection could not be *established* is retried on the next target; once a request may
+//! have reached a target it is never retried here, since the target may have acted on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use reqwest::Url;
+use tracing::{debug, warn};
+
+use crate::api::ApiError;
+use crate::config::{ConfigError, Env};
+use crate::dns::{DnsCache, HickoryLookup, NameLookup, ReqwestResolver};
+use crate::request_id::{REQUEST_ID, RequestId};
+
+/// Settings of the outbound client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// `TARGET_URL`: where requests are forwarded; several URLs separated by commas are used
+    /// round-robin.
+    pub targets: Vec<Url>,
+    /// `USE_HTTP_2`: `1|true|yes` sends h2c with prior knowledge, otherwise HTTP/1.1.
+    pub http2: bool,
+    /// `SKIP_DNS_CACHE`: `1|true|yes` resolves the target on every new connection.
+    pub skip_dns_cache: bool,
+    /// `CONNECT_TIMEOUT_MS`: how long to wait for a TCP connection (default 2000).
+    pub connect_timeout: Duration,
+    /// `REQUEST_TIMEOUT_SECS`: how long a forwarded request may take in total (default 60,
+    /// as upstream).
+    pub request_timeout: Duration,
+    /// `TARGET_COOLDOWN_MS`: how long a target that refused or timed out is skipped
+    /// (default 2000).
+    pub cooldown: Duration,
+}
+
+impl UpstreamConfig {
+    /// Reads the client settings; `default_target` applies when `TARGET_URL` is unset.
+    pub fn from_env(env: &Env<'_>, default_target: &str) -> Result<Self, ConfigError> {
+        let raw = env.string("TARGET_URL", default_target);
+        Ok(Self {
+            targets: parse_targets(&raw)?,
+            http2: env.flag("USE_HTTP_2", false)?,
+            skip_dns_cache: env.flag("SKIP_DNS_CACHE", false)?,
+            connect_timeout: env.millis("CONNECT_TIMEOUT_MS", Duration::from_secs(2))?,
+            request_timeout: env.seconds("REQUEST_TIMEOUT_SECS", Duration::from_secs(60))?,
+            cooldown: env.millis("TARGET_COOLDOWN_MS", Duration::from_secs(2))?,
+        })
+    }
+
+    /// A config for `targets` with the defaults, for tests and tools.
+    pub fn for_targets(targets: Vec<Url>) -> Self {
+        Self {
+            targets,
+            http2: false,
+            skip_dns_cache: false,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
+            cooldown: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Parses a comma-separated list of `http://` URLs.
+pub fn parse_targets(raw: &str) -> Result<Vec<Url>, ConfigError> {
+    let expected = "one or more http://HOST:PORT/PATH URLs separated by commas";
+    let targets = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Url::parse(s)
+                .ok()
+                .filter(|u| u.scheme() == "http" && u.host_str().is_some())
+                .ok_or_else(|| ConfigError::new("TARGET_URL", raw, expected))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if targets.is_empty() {
+        return Err(ConfigError::new("TARGET_URL", raw, expected));
+    }
+    Ok(targets)
+}
+
+/// Why a forwarded request failed; decides the status answered and whether a retry is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No target accepted a connection: nothing was sent, a retry is safe.
+    #[error("no target accepted a connection (last tried {target}): {source}")]
+    Unavailable {
+        /// The last target tried.
+        target: Url,
+        /// The connect error.
+        source: reqwest::Error,
+    },
+    /// The target did not answer in time; it may have acted on the request.
+    #[error("{target} did not answer within {timeout:?}")]
+    Timeout {
+        /// The target.
+        target: Url,
+        /// The request timeout.
+        timeout: Duration,
+    },
+    /// The target answered with a non-success status.
+    #[error("{target} answered {status}")]
+    Status {
+        /// The target.
+        target: Url,
+        /// Its status.
+        status: StatusCode,
+    },
+    /// The exchange broke after the request was sent (reset, bad response).
+    #[error("request to {target} failed: {source}")]
+    Failed {
+        /// The target.
+        target: Url,
+        /// What broke.
+        source: reqwest::Error,
+    },
+}
+
+impl UpstreamError {
+    /// The error answered to our client: 503 (retry safe) when no target was reachable or
+    /// the target itself was unavailable, 504 on timeout, 502 otherwise.
+    pub fn to_api_error(&self) -> ApiError {
+        let (status, code) = match self {
+            Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+            }
+            Self::Status { status, .. } if *status == StatusCode::GATEWAY_TIMEOUT => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            }
+            Self::Status { .. } | Self::Failed { .. } => {
+                (StatusCode::BAD_GATEWAY, "upstream_failed")
+            }
+        };
+        let error = ApiError::new(status, code, self.to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            error.with_retry_after(1)
+        } else {
+            error
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Unavailable { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::Status { .. } => "status",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+/// Counters of the outbound side.
+#[derive(Clone, Default)]
+struct UpstreamMetrics {
+    errors: Family<ErrorLabels, Counter>,
+    connect_retries: Counter,
+}
+
+struct Target {
+    url: Url,
+    /// Skip until this many ms after `Upstream::epoch` (0 = available).
+    down_until_ms: AtomicU64,
+}
+
+/// The pooled outbound client and its target list. Build once per service.
+pub struct Upstream {
+    client: reqwest::Client,
+    targets: Vec<Target>,
+    next: AtomicUsize,
+    dns: Arc<DnsCache>,
+    cooldown: Duration,
+    request_timeout: Duration,
+    epoch: Instant,
+    metrics: UpstreamMetrics,
+}
+
+impl Upstream {
+    /// A client resolving names with hickory-resolver and the system configuration.
+    pub fn new(config: &UpstreamConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+        let lookup = HickoryLookup::from_system()
+            .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+        Self::with_lookup(config, Arc::new(lookup), registry)
+    }
+
+    /// A client resolving names through `lookup` (tests move names between addresses).
+    pub fn with_lookup(
+        config: &UpstreamConfig,
+        lookup: Arc<dyn NameLookup>,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Self> {
+        let dns = DnsCache::new(lookup, !config.skip_dns_cache);
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .dns_resolver(Arc::new(ReqwestResolver(dns.clone())));
+        builder = if config.http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        };
+        let client = builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        let metrics = UpstreamMetrics::default();
+        registry.register(
+            "upstream_errors",
+            "Forwarded requests that failed, by kind (connect, timeout, status, failed)",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "upstream_connect_retries",
+            "Requests retried on another target after a failed connect",
+            metrics.connect_retries.clone(),
+        );
+        Ok(Self {
+            client,
+            targets: config
+                .targets
+                .iter()
+                .map(|url| Target {
+                    url: url.clone(),
+                    down_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            dns,
+            cooldown: config.cooldown,
+            request_timeout: config.request_timeout,
+            epoch: Instant::now(),
+            metrics,
+        })
+    }
+
+    /// The DNS cache in use.
+    pub fn dns(&self) -> &DnsCache {
+        &self.dns
+    }
+
+    /// POSTs a JSON `body` with `Request-Id` to the next target; succeeds on a 2xx.
+    pub async fn post_json(
+        &self,
+        body: Bytes,
+        request_id: &RequestId,
+    ) -> Result<StatusCode, UpstreamError> {
+        let result = self.post_inner(body, request_id).await;
+        if let Err(error) = &result {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabels { kind: error.kind() })
+                .inc();
+        }
+        result
+    }
+
+    async fn post_inner(
+        &self,
+        body: Bytes,
+        request_id: &RequestId,
+    ) -> Result<StatusCode, UpstreamError> {
+        let order = self.order();
+        // A single target gets one more try once its stale cached address is dropped.
+        let attempts = if order.len() == 1 { 2 } else { order.len() };
+        let id =
+            HeaderValue::from_str(request_id.as_str()).unwrap_or(HeaderValue::from_static("0"));
+        let mut attempt = 0;
+        loop {
+            let target = &self.targets[order[attempt % order.len()]];
+            if attempt > 0 {
+                self.metrics.connect_retries.inc();
+            }
+            let sent = self
+                .client
+                .post(target.url.clone())
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )
+                .header(REQUEST_ID, id.clone())
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(response) => {
+                    let status = response.status();
+                    // Read the body so the connection goes back to the pool.
+                    let read = response.bytes().await;
+                    if !status.is_success() {
+                        return Err(UpstreamError::Status {
+                            target: target.url.clone(),
+                            status,
+                        });
+                    }
+                    if let Err(source) = read {
+                        return Err(self.classify(target, source));
+                    }
+                    return Ok(status);
+                }
+                Err(source) if source.is_connect() => {
+                    self.mark_down(target);
+                    let host = target.url.host_str().unwrap_or_default();
+                    let had_entry = self.dns.invalidate(host);
+                    debug!(target = %target.url, error = %source, "connect failed");
+                    attempt += 1;
+                    if attempt >= attempts || (order.len() == 1 && !had_entry) {
+                        let error = UpstreamError::Unavailable {
+                            target: target.url.clone(),
+                            source,
+                        };
+                        warn!(%request_id, %error, "no target reachable");
+                        return Err(error);
+                    }
+                }
+                Err(source) => return Err(self.classify(target, source)),
+            }
+        }
+    }
+
+    fn classify(&self, target: &Target, source: reqwest::Error) -> UpstreamError {
+        if source.is_timeout() {
+            self.mark_down(target);
+            UpstreamError::Timeout {
+                target: target.url.clone(),
+                timeout: self.request_timeout,
+            }
+        } else {
+            UpstreamError::Failed {
+                target: target.url.clone(),
+                source,
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn mark_down(&self, target: &Target) {
+        if self.targets.len() > 1 {
+            let until = self.now_ms() + u64::try_from(self.cooldown.as_millis()).unwrap_or(0);
+            target.down_until_ms.store(until.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Target indices for one request: round-robin, targets in cool-down last.
+    fn order(&self) -> Vec<usize> {
+        let n = self.targets.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if n == 1 {
+            return vec![0];
+        }
+        let now = self.now_ms();
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // Stable: keeps round-robin order within the available and the cooling groups.
+        order.sort_by_key(|&i| self.targets[i].down_until_ms.load(Ordering::Relaxed) > now);
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_reject() {
+        let t = parse_targets("http://a:1/x, http://b:2/y").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].host_str(), Some("b"));
+        for bad in ["", "a:1", "https://a/x", "ftp://a/x", ","] {
+            let err = parse_targets(bad).unwrap_err();
+            assert_eq!(err.var, "TARGET_URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_errors_pick_status() {
+        let url = Url::parse("http://a/x").unwrap();
+        let e = UpstreamError::Status {
+            target: url.clone(),
+            status: StatusCode::NOT_FOUND,
+        };
+        assert_eq!(e.to_api_error().status, StatusCode::BAD_GATEWAY);
+        let e = UpstreamError::Timeout {
+            target: url,
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(e.to_api_error().status, StatusCode::GATEWAY_TIMEOUT);
+    }
+}

@@ -1,0 +1,287 @@
+//! Test harness for the LPS services (dev-only).
+//!
+//! - [`TestServer`]: any router served by the real [`lps_common::server::serve`] on
+//!   `127.0.0.1:0`, stopped when dropped.
+//! - [`Recorder`]: a fake upstream that records every request (HTTP version, headers,
+//!   body) and answers with a chosen status after a chosen delay.
+//! - [`ChildService`]: a service binary started as a real process on an ephemeral port,
+//!   its address read from its `listening` log line, killed when dropped.
+//! - [`eventually`]: polls a condition against a deadline instead of sleeping.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, Version};
+use lps_common::server::{self, Protocols};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A router served in-process on an ephemeral loopback port.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Serves `app` on `127.0.0.1:0` (HTTP/1.1 and h2c).
+    pub async fn start(app: Router) -> Self {
+        Self::start_on(
+            "127.0.0.1:0".parse().expect("loopback address"),
+            app,
+            Protocols::default(),
+        )
+        .await
+    }
+
+    /// Serves `app` on `addr` with `protocols`.
+    pub async fn start_on(addr: SocketAddr, app: Router, protocols: Protocols) -> Self {
+        let listener = server::bind(addr, 1024).expect("bind test server");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::serve(
+            listener,
+            app,
+            protocols,
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
+        Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting, drains, and waits until the server is gone.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One request as a [`Recorder`] saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// HTTP version used on the wire.
+    pub version: Version,
+    /// Request path.
+    pub path: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Request body.
+    pub body: Bytes,
+}
+
+impl Recorded {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("recorded body is JSON")
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Default)]
+struct RecorderState {
+    requests: Mutex<Vec<Recorded>>,
+    behaviour: Mutex<(u16, Duration)>,
+}
+
+/// A fake upstream that records requests and answers `status` after `delay`.
+#[derive(Clone)]
+pub struct Recorder {
+    state: Arc<RecorderState>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Recorder {
+    /// Answers 200 at once until told otherwise.
+    pub fn new() -> Self {
+        let state = RecorderState::default();
+        *state.behaviour.lock().expect("lock") = (200, Duration::ZERO);
+        Self {
+            state: Arc::new(state),
+        }
+    }
+
+    /// From now on answer `status` after `delay`.
+    pub fn respond(&self, status: u16, delay: Duration) {
+        *self.state.behaviour.lock().expect("lock") = (status, delay);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().expect("lock").clone()
+    }
+
+    /// A router answering every path and method.
+    pub fn router(&self) -> Router {
+        Router::new().fallback(record).with_state(self.clone())
+    }
+}
+
+async fn record(State(recorder): State<Recorder>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    recorder
+        .state
+        .requests
+        .lock()
+        .expect("lock")
+        .push(Recorded {
+            version: parts.version,
+            path: parts.uri.path().to_owned(),
+            headers: parts.headers,
+            body,
+        });
+    let (status, delay) = *recorder.state.behaviour.lock().expect("lock");
+    tokio::time::sleep(delay).await;
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        "recorded",
+    )
+        .into_response()
+}
+
+/// An HTTP/1.1 client.
+pub fn http1_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .build()
+        .expect("client")
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `within` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A service binary running as a child process.
+pub struct ChildService {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ChildService {
+    /// Starts `binary` with `env` (plus `HTTP_HOST=127.0.0.1`, `HTTP_PORT=0`, `LOG_DIR` in
+    /// `dir` unless given) and waits for its `listening` line.
+    pub async fn start(binary: &Path, env: &[(&str, &str)], dir: &Path) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .env_clear()
+            .env("HTTP_HOST", "127.0.0.1")
+            .env("HTTP_PORT", "0")
+            .env("LOG_DIR", dir)
+            .env("LOG_FORMAT", "json")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["fields"]["message"] == "listening"
+                    && let Some(addr) = event["fields"]["addr"].as_str()
+                {
+                    return Ok::<_, anyhow::Error>(addr.parse()?);
+                }
+            }
+            anyhow::bail!("{} exited before listening", binary.display())
+        })
+        .await??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { addr, child })
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("already exited"))?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub async fn wait(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(within, self.child.wait()).await??)
+    }
+}

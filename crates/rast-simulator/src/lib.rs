@@ -1,0 +1,348 @@
+//! rast-simulator: the legacy RAST backend ("ars-comp-3") the alarm chain ends in.
+//!
+//! `POST /<COMMAND>` for a known legacy command (see [`commands`]) reads and ignores the
+//! body, waits the processing time the selected [`model::Model`] predicts (without
+//! blocking a thread), and answers 200 `Success` with `X-Process-Time` (seconds spent) and
+//! `X-Pred-Process-Time` (seconds predicted). An unknown command is 404
+//! `Command not found`. The request uid is the `Request-Id` header verbatim, else a random
+//! UUID. Every arrival is written to `ars_simulation.log` (upstream's format) and to a
+//! JSON-lines ledger, see [`journal`]. Speaks HTTP/1.1 only, like the real backend.
+//!
+//! Environment: `HTTP_HOST`, `HTTP_PORT` (default 1337), `LOG_DIR` (folder of the
+//! simulation log and ledger; default the working directory), plus the logging variables
+//! of `lps-common`. Command line: `-m/--model`, `-c/--corr-max`, `--workers`,
+//! `--service-ms` (see `rast-simulator --help`).
+
+pub mod commands;
+pub mod journal;
+pub mod model;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
+use lps_common::api::Body;
+use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::request_id::REQUEST_ID;
+use lps_common::server::Protocols;
+use lps_common::telemetry::TelemetryConfig;
+use lps_common::{Registry, finish_router, service};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::journal::{Entry, Journal, LedgerRecord, epoch_us};
+use crate::model::{Load, Model};
+
+/// Command-line options.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about = "Simulator of the legacy RAST backend (ars-comp-3)")]
+pub struct Args {
+    /// Processing-time model: `0` (upstream's regression, gets faster under load), `fixed`
+    /// or `exp` (service time with a worker limit, for overload experiments), `zero` (no
+    /// delay, for benchmarks).
+    #[arg(short = 'm', long, env = "SIM_MODEL", default_value = "0")]
+    pub model: String,
+    /// Model 0: re-predict the processing time up to N times as other requests finish.
+    #[arg(
+        short = 'c',
+        long = "corr-max",
+        env = "SIM_CORR_MAX",
+        default_value_t = 0
+    )]
+    pub corr_max: u32,
+    /// `fixed`/`exp`: requests served at once; the rest queue.
+    #[arg(long, env = "SIM_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// `fixed`/`exp`: service time (the mean for `exp`), milliseconds.
+    #[arg(long = "service-ms", env = "SIM_SERVICE_MS", default_value_t = 35.0)]
+    pub service_ms: f64,
+}
+
+impl Args {
+    /// The model these options select.
+    pub fn model(&self) -> Result<Model, ConfigError> {
+        let service = Duration::try_from_secs_f64(self.service_ms / 1000.0)
+            .ok()
+            .filter(|d| !d.is_zero() || self.model == "fixed")
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--service-ms",
+                    &self.service_ms.to_string(),
+                    "a positive number of milliseconds",
+                )
+            })?;
+        if self.workers == 0 {
+            return Err(ConfigError::new("--workers", "0", "at least 1"));
+        }
+        match self.model.as_str() {
+            "0" => Ok(Model::Regression0 {
+                corr_max: self.corr_max,
+            }),
+            "fixed" => Ok(Model::Fixed {
+                workers: self.workers,
+                service,
+            }),
+            "exp" => Ok(Model::Exponential {
+                workers: self.workers,
+                mean: service,
+            }),
+            "zero" => Ok(Model::Zero),
+            other => Err(ConfigError::new("--model", other, "0, fixed, exp or zero")),
+        }
+    }
+}
+
+/// Everything the simulator reads from the environment and the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Inbound server (default port 1337).
+    pub server: ServerConfig,
+    /// Logging.
+    pub telemetry: TelemetryConfig,
+    /// Folder of `ars_simulation.log` and the ledger.
+    pub journal_dir: PathBuf,
+    /// Processing-time model.
+    pub model: Model,
+}
+
+impl Config {
+    /// Reads the environment from `lookup` and the model from `args`.
+    pub fn new(lookup: &dyn Lookup, args: &Args) -> Result<Self, ConfigError> {
+        let env = Env::new(lookup);
+        Ok(Self {
+            server: ServerConfig::from_env(&env, 1337)?,
+            telemetry: TelemetryConfig::from_env(&env, "ars-comp-3")?,
+            journal_dir: PathBuf::from(env.string("LOG_DIR", ".")),
+            model: args.model()?,
+        })
+    }
+}
+
+/// Shared state of the simulator.
+#[derive(Debug)]
+pub struct Simulator {
+    model: Model,
+    load: Load,
+    workers: Option<Semaphore>,
+    journal: Journal,
+}
+
+impl Simulator {
+    /// A simulator using `model`, recording into `journal`.
+    pub fn new(model: Model, journal: Journal) -> Arc<Self> {
+        Arc::new(Self {
+            workers: model.workers().map(Semaphore::new),
+            model,
+            load: Load::default(),
+            journal,
+        })
+    }
+
+    /// The PR1/PR3 bookkeeping (tests hold requests "in progress" through it).
+    pub fn load(&self) -> &Load {
+        &self.load
+    }
+
+    /// Waits out the processing time; returns the predicted seconds.
+    async fn process(
+        &self,
+        progress: &model::InProgress<'_>,
+        req_type: u32,
+        start: Instant,
+    ) -> f64 {
+        match &self.model {
+            Model::Zero => 0.0,
+            Model::Regression0 { corr_max } => {
+                let mut predicted = model::regression0(progress.pr1, progress.pr3(), req_type);
+                sleep_until(start, predicted).await;
+                for _ in 0..*corr_max {
+                    let again = model::regression0(progress.pr1, progress.pr3(), req_type);
+                    if again <= start.elapsed().as_secs_f64() {
+                        break;
+                    }
+                    predicted = again;
+                    sleep_until(start, predicted).await;
+                }
+                predicted
+            }
+            Model::Fixed { service, .. } => self.serve_with_worker(service.as_secs_f64()).await,
+            Model::Exponential { mean, .. } => {
+                // Inverse transform sampling; 1 - u is in (0, 1].
+                let u: f64 = rand::rng().random();
+                let sample = -mean.as_secs_f64() * (1.0 - u).ln();
+                self.serve_with_worker(sample).await
+            }
+        }
+    }
+
+    async fn serve_with_worker(&self, seconds: f64) -> f64 {
+        let _permit = match &self.workers {
+            Some(workers) => workers.acquire().await.ok(),
+            None => None,
+        };
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        seconds
+    }
+}
+
+async fn sleep_until(start: Instant, seconds: f64) {
+    let target = start + Duration::from_secs_f64(seconds);
+    tokio::time::sleep_until(target.into()).await;
+}
+
+/// The router: `POST /{command}` plus `/healthz` and `/metrics`.
+pub fn app(sim: Arc<Simulator>, registry: Registry, max_body_bytes: usize) -> Router {
+    let routes = Router::new()
+        .route("/{command}", post(command))
+        .with_state(sim);
+    finish_router(routes, registry, max_body_bytes)
+}
+
+/// Opens the journal and serves until SIGTERM/SIGINT; the journal is written out before
+/// returning.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (journal, writer) = Journal::open(&config.journal_dir)?;
+    info!(dir = %config.journal_dir.display(), model = ?config.model, "simulator journal open");
+    let sim = Simulator::new(config.model.clone(), journal);
+    let app = app(sim, Registry::default(), config.server.max_body_bytes);
+    let served = service::serve_until_signal(&config.server, app, Protocols::Http1Only).await;
+    // The router (and with it the last Journal) is gone once serve returns; wait for the
+    // writer to drain, but not forever in case a stuck connection still holds a sender.
+    let closed = tokio::task::spawn_blocking(move || writer.close());
+    if tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("simulator journal not closed within 5 s");
+    }
+    served
+}
+
+thread_local! {
+    static THREAD_NAME: Arc<str> =
+        Arc::from(std::thread::current().name().unwrap_or("main"));
+}
+
+fn thread_name() -> Arc<str> {
+    THREAD_NAME.with(Arc::clone)
+}
+
+fn version_label(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Records an arrival in the ledger when dropped before [`Pending::finish`]: the client
+/// went away, the request is recorded as 499.
+struct Pending<'a> {
+    journal: &'a Journal,
+    record: Option<LedgerRecord>,
+}
+
+impl Pending<'_> {
+    async fn finish(mut self, status: u16, pr3: u64, pred_s: f64) {
+        if let Some(mut record) = self.record.take() {
+            let at = SystemTime::now();
+            record.end_us = epoch_us(at);
+            record.status = status;
+            record.pr3 = pr3;
+            record.pred_s = pred_s;
+            self.journal
+                .send(Entry::Finish {
+                    at,
+                    thread: thread_name(),
+                    record,
+                })
+                .await;
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            let at = SystemTime::now();
+            record.end_us = epoch_us(at);
+            record.status = 499;
+            self.journal.try_send(Entry::Finish {
+                at,
+                thread: thread_name(),
+                record,
+            });
+        }
+    }
+}
+
+async fn command(
+    State(sim): State<Arc<Simulator>>,
+    Path(name): Path<String>,
+    version: Version,
+    headers: HeaderMap,
+    _body: Body,
+) -> Response {
+    let start = Instant::now();
+    let arrived = SystemTime::now();
+    let uid: String = headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let mut record = LedgerRecord {
+        uid,
+        cmd: name,
+        start_us: epoch_us(arrived),
+        end_us: 0,
+        status: 0,
+        pr1: 0,
+        pr3: 0,
+        pred_s: 0.0,
+        proto: version_label(version).to_owned(),
+    };
+    let Some(req_type) = commands::ordinal(&record.cmd) else {
+        let pending = Pending {
+            journal: &sim.journal,
+            record: Some(record),
+        };
+        pending.finish(404, 0, 0.0).await;
+        return (StatusCode::NOT_FOUND, "Command not found").into_response();
+    };
+    let cmd = commands::COMMANDS[req_type as usize];
+    let progress = sim.load.arrive();
+    record.pr1 = progress.pr1;
+    sim.journal
+        .send(Entry::Start {
+            at: arrived,
+            thread: thread_name(),
+            uid: Arc::from(record.uid.as_str()),
+            cmd,
+        })
+        .await;
+    let pending = Pending {
+        journal: &sim.journal,
+        record: Some(record),
+    };
+    let predicted = sim.process(&progress, req_type, start).await;
+    let pr3 = progress.pr3();
+    progress.complete();
+    let elapsed = start.elapsed().as_secs_f64();
+    pending.finish(200, pr3, predicted).await;
+    let mut response = (StatusCode::OK, "Success").into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-process-time", elapsed),
+        ("x-pred-process-time", predicted),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&format!("{value:.6}")) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
