@@ -31,7 +31,6 @@ use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::LegacyMessage;
 use lps_common::{Registry, finish_router, service};
 use serde::Deserialize;
-use tracing::{debug, warn};
 
 /// The entry route.
 pub const SIMPLE_PATH: &str = "/api/v1/simple";
@@ -211,23 +210,7 @@ async fn simple(
         id: alarm.phone,
         request_id: None,
     };
-    let payload = serde_json::to_vec(&message).map_err(|e| {
-        ApiError::new(
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )
-    })?;
-    match upstream.post_json(payload.into(), &request_id).await {
-        Ok(_) => {
-            debug!(%request_id, "forwarded");
-            Ok(api::success())
-        }
-        Err(error) => {
-            warn!(%request_id, %error, "forwarding failed");
-            Err(error.to_api_error())
-        }
-    }
+    Ok(upstream.relay(&message, &request_id).await)
 }
 
 #[cfg(test)]

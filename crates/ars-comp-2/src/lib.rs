@@ -26,7 +26,7 @@ use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::{LegacyMessage, STORE_PATH};
 use lps_common::{Registry, finish_router, service};
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Default target: the simulator on its usual port.
 pub const DEFAULT_TARGET: &str = "http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET";
@@ -97,21 +97,5 @@ async fn store(
         request_id: Some(request_id.to_string()),
         ..message
     };
-    let payload = serde_json::to_vec(&outbound).map_err(|e| {
-        ApiError::new(
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )
-    })?;
-    match upstream.post_json(payload.into(), &request_id).await {
-        Ok(_) => {
-            debug!(%request_id, "forwarded");
-            Ok(api::success())
-        }
-        Err(error) => {
-            warn!(%request_id, %error, "forwarding failed");
-            Err(error.to_api_error())
-        }
-    }
+    Ok(upstream.relay(&outbound, &request_id).await)
 }

@@ -20,10 +20,12 @@ use prometheus_client::registry::Registry;
 use reqwest::Url;
 use tracing::{debug, warn};
 
-use crate::api::ApiError;
+use crate::api::{self, ApiError};
 use crate::config::{ConfigError, Env};
 use crate::dns::{DnsCache, HickoryLookup, NameLookup, ReqwestResolver};
 use crate::request_id::{REQUEST_ID, RequestId};
+use crate::wire::LegacyMessage;
+use axum::response::{IntoResponse, Response};
 
 /// Settings of the outbound client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +260,32 @@ impl Upstream {
     /// The DNS cache in use.
     pub fn dns(&self) -> &DnsCache {
         &self.dns
+    }
+
+    /// Relays `message` as JSON: 200 with upstream's success body when a target answered
+    /// 2xx, the mapped [`ApiError`] otherwise. Both carry the `Request-Id` header.
+    pub async fn relay(&self, message: &LegacyMessage, request_id: &RequestId) -> Response {
+        let result = match serde_json::to_vec(message) {
+            Ok(payload) => self.post_json(payload.into(), request_id).await,
+            Err(e) => {
+                return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    .into_response();
+            }
+        };
+        let mut response = match result {
+            Ok(_) => {
+                debug!(%request_id, "forwarded");
+                api::success()
+            }
+            Err(error) => {
+                warn!(%request_id, %error, "forwarding failed");
+                error.to_api_error().into_response()
+            }
+        };
+        if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        response
     }
 
     /// POSTs a JSON `body` with `Request-Id` to the next target; succeeds on a 2xx.

@@ -1,0 +1,4 @@
+//! Integration tests of the common crate over real sockets on loopback.
+
+mod server;
+mod upstream;
