@@ -277,3 +277,11 @@ mod tests {
         }
     }
 }
+
+/// The binary's entry point: configuration from the process environment (exit 64 when
+/// invalid), then [`run`] until SIGTERM/SIGINT.
+pub fn main() -> std::process::ExitCode {
+    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
+        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
+    service::main(&config.telemetry.clone(), run(config))
+}

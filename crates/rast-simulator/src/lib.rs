@@ -346,3 +346,17 @@ async fn command(
     }
     response
 }
+
+/// The binary's entry point: options from `args` (the first is the program name) and the
+/// process environment (exit 64 when invalid), then [`run`] until SIGTERM/SIGINT.
+pub fn main<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    let args = Args::parse_from(args);
+    let config = Config::new(&lps_common::config::ProcessEnv, &args)
+        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
+    service::main(&config.telemetry.clone(), run(config))
+}

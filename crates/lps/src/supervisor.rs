@@ -1,0 +1,186 @@
+//! Runs the services of a topology as local processes and stops them cleanly.
+//!
+//! Each service is this same executable re-run as `lps service <program>`, so one
+//! `cargo run -p lps` builds everything a topology needs. Every child gets a clean
+//! environment (plus `PATH`, `HOME`, `TZ`, `LOG`), listens on 127.0.0.1, logs to
+//! `<run>/logs/<name>.log`, and has its stderr in `<run>/logs/<name>.stderr`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::topology::ServiceSpec;
+
+/// A running service.
+#[derive(Debug)]
+pub struct Running {
+    /// What was started.
+    pub spec: ServiceSpec,
+    child: Child,
+}
+
+impl Running {
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.spec.port)
+    }
+}
+
+/// Starts and stops the processes of one run.
+#[derive(Debug)]
+pub struct Supervisor {
+    exe: PathBuf,
+    logs: PathBuf,
+    running: Vec<Running>,
+    client: reqwest::Client,
+}
+
+impl Supervisor {
+    /// A supervisor writing logs under `run_dir/logs`.
+    pub fn new(run_dir: &Path) -> anyhow::Result<Self> {
+        let logs = run_dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        Ok(Self {
+            exe: std::env::current_exe().context("finding the lps executable")?,
+            logs,
+            running: Vec::new(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(1))
+                .build()?,
+        })
+    }
+
+    /// The folder of the service logs.
+    pub fn logs(&self) -> &Path {
+        &self.logs
+    }
+
+    /// The services started so far, in start order.
+    pub fn running(&self) -> &[Running] {
+        &self.running
+    }
+
+    /// Starts `spec` and waits until its `/healthz` answers.
+    pub async fn start(&mut self, spec: ServiceSpec) -> anyhow::Result<()> {
+        let stderr_path = self.logs.join(format!("{}.stderr", spec.name));
+        let stderr = std::fs::File::create(&stderr_path)
+            .with_context(|| format!("creating {}", stderr_path.display()))?;
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("service")
+            .arg(spec.program.name())
+            .arg("--")
+            .args(&spec.args)
+            .env_clear()
+            .env("HTTP_HOST", "127.0.0.1")
+            .env("HTTP_PORT", spec.port.to_string())
+            .env("SERVICE_NAME", &spec.name)
+            .env("LOG_DIR", &self.logs)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Own process group: a Ctrl-C in the terminal reaches lps only, which then
+            // stops the services in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        for key in ["PATH", "HOME", "TZ", "LOG"] {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        for (key, value) in &spec.env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", spec.name))?;
+        let mut running = Running { spec, child };
+        self.wait_healthy(&mut running).await?;
+        self.running.push(running);
+        Ok(())
+    }
+
+    async fn wait_healthy(&self, service: &mut Running) -> anyhow::Result<()> {
+        let url = format!("{}/healthz", service.base_url());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = service.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before it was healthy; see {}",
+                    service.spec.name,
+                    self.tail(&service.spec.name)
+                );
+            }
+            if let Ok(response) = self.client.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} not healthy at {url} within 30 s", service.spec.name);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Where to look when a service failed, with its last log lines.
+    fn tail(&self, name: &str) -> String {
+        let mut out = String::new();
+        for file in [format!("{name}.stderr"), format!("{name}.log")] {
+            let path = self.logs.join(&file);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let lines: Vec<&str> = text.lines().collect();
+                let last = lines[lines.len().saturating_sub(5)..].join("\n    ");
+                if !last.is_empty() {
+                    out.push_str(&format!("\n  {}:\n    {last}", path.display()));
+                }
+            }
+        }
+        if out.is_empty() {
+            format!("{} (empty)", self.logs.display())
+        } else {
+            out
+        }
+    }
+
+    /// Services that exited on their own since the last call, with their status.
+    pub fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        self.running
+            .iter_mut()
+            .filter_map(|r| match r.child.try_wait() {
+                Ok(Some(status)) => Some((r.spec.name.clone(), status)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Stops every service, entry services first: SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop_all(&mut self, grace: Duration) {
+        while let Some(mut service) = self.running.pop() {
+            if let Some(pid) = service.child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            if tokio::time::timeout(grace, service.child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "{} did not stop within {grace:?}; killing it",
+                    service.spec.name
+                );
+                let _ = service.child.kill().await;
+            }
+            // Keep only stderr files that say something.
+            let stderr = self.logs.join(format!("{}.stderr", service.spec.name));
+            if std::fs::metadata(&stderr).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(stderr);
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! `lps` as a real process.
+
+mod up;
