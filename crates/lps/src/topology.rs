@@ -64,7 +64,7 @@ pub struct ServiceSpec {
 }
 
 /// Options shaping a topology.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Added to every compose port.
     pub port_offset: u16,
@@ -74,17 +74,6 @@ pub struct Options {
     pub simulator_args: Vec<String>,
     /// `USE_HTTP_2` between ars-comp-1 and the next hop.
     pub http2: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            port_offset: 0,
-            ephemeral_ports: false,
-            simulator_args: Vec::new(),
-            http2: false,
-        }
-    }
 }
 
 /// The services of `topology`, in start order (backend first).
