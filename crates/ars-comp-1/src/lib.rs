@@ -213,6 +213,14 @@ async fn simple(
     Ok(upstream.relay(&message, &request_id).await)
 }
 
+/// The binary's entry point: configuration from the process environment (exit 64 when
+/// invalid), then [`run`] until SIGTERM/SIGINT.
+pub fn main() -> std::process::ExitCode {
+    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
+        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
+    service::main(&config.telemetry.clone(), run(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,12 +284,4 @@ mod tests {
             assert!(!is_iso8601(bad), "{bad}");
         }
     }
-}
-
-/// The binary's entry point: configuration from the process environment (exit 64 when
-/// invalid), then [`run`] until SIGTERM/SIGINT.
-pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
 }
