@@ -20,11 +20,10 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::request_id::RequestId;
 use lps_common::server::Protocols;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
-use lps_common::wire::{LegacyMessage, STORE_PATH};
+use lps_common::wire::STORE_PATH;
 use lps_common::{Registry, finish_router, service};
 use tracing::warn;
 
@@ -84,20 +83,8 @@ async fn store(
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let message: LegacyMessage = api::parse_json(&body)?;
-    // The header wins; an id carried in the body is the fallback; else a new one.
-    let request_id = match (
-        headers.contains_key(&lps_common::request_id::REQUEST_ID),
-        &message.request_id,
-    ) {
-        (false, Some(id)) => RequestId::parse(id)?,
-        _ => RequestId::from_headers(&headers)?,
-    };
-    let outbound = LegacyMessage {
-        request_id: Some(request_id.to_string()),
-        ..message
-    };
-    Ok(upstream.relay(&outbound, &request_id).await)
+    let (message, request_id) = api::legacy_message(&headers, &body)?;
+    Ok(upstream.relay(&message, &request_id).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when

@@ -141,6 +141,60 @@ pub fn success() -> Response {
         .into_response()
 }
 
+/// Adds the `Request-Id` header to `response`.
+pub fn with_request_id(
+    mut response: Response,
+    request_id: &crate::request_id::RequestId,
+) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
+        response
+            .headers_mut()
+            .insert(crate::request_id::REQUEST_ID, value);
+    }
+    response
+}
+
+/// Reads a legacy message `{"id","body"}` and its request id: the `Request-Id` header,
+/// else a `request_id` in the body, else a new one. The returned message carries the id.
+pub fn legacy_message(
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> Result<(crate::wire::LegacyMessage, crate::request_id::RequestId), ApiError> {
+    use crate::request_id::{REQUEST_ID, RequestId};
+    let mut message: crate::wire::LegacyMessage = parse_json(body)?;
+    let request_id = match (headers.contains_key(&REQUEST_ID), &message.request_id) {
+        (false, Some(id)) => RequestId::parse(id)?,
+        _ => RequestId::from_headers(headers)?,
+    };
+    message.request_id = Some(request_id.to_string());
+    Ok((message, request_id))
+}
+
+/// `GET /readyz`: 200 while `ready` holds, else 503; both JSON.
+pub fn readyz(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> axum::Router {
+    axum::Router::new().route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = ready.load(std::sync::atomic::Ordering::Acquire);
+            async move {
+                let (status, body) = if ready {
+                    (StatusCode::OK, r#"{"status":"ready"}"#)
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#)
+                };
+                (
+                    status,
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
 /// Fallback for unknown paths: 404 with a JSON error.
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::new(

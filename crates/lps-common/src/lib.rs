@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod dns;
 pub mod metrics;
+pub mod mqtt;
 pub mod request_id;
 pub mod server;
 pub mod service;

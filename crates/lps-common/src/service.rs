@@ -52,9 +52,18 @@ pub async fn serve_until_signal(
     app: Router,
     protocols: Protocols,
 ) -> anyhow::Result<()> {
+    serve(config, app, protocols, server::shutdown_on_signals()).await
+}
+
+/// Binds per `config` and serves `app` until `shutdown` fires, then drains.
+pub async fn serve(
+    config: &ServerConfig,
+    app: Router,
+    protocols: Protocols,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let listener = server::bind(config.addr(), config.backlog)
         .with_context(|| format!("binding {}", config.addr()))?;
-    let shutdown = server::shutdown_on_signals();
     server::serve(listener, app, protocols, shutdown, config.shutdown_grace)
         .await
         .context("serving HTTP")

@@ -272,7 +272,7 @@ impl Upstream {
                     .into_response();
             }
         };
-        let mut response = match result {
+        let response = match result {
             Ok(_) => {
                 debug!(%request_id, "forwarded");
                 api::success()
@@ -282,10 +282,7 @@ impl Upstream {
                 error.to_api_error().into_response()
             }
         };
-        if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
-            response.headers_mut().insert(REQUEST_ID, value);
-        }
-        response
+        api::with_request_id(response, request_id)
     }
 
     /// POSTs a JSON `body` with `Request-Id` to the next target; succeeds on a 2xx.

@@ -1,0 +1,336 @@
+//! MQTT v5 plumbing shared by the bridges, on the `mqtt5` client.
+//!
+//! Why `mqtt5` and not rumqttc: on the paths the bridges depend on, rumqttc 0.25 loses
+//! messages or stalls (a failed PUBREC leaks its in-flight slot, a PUBREL after a
+//! reconnect causes a reconnect loop, a reconnect without a session drops pending
+//! publishes silently), and working around that needs its event loop's internals. `mqtt5`
+//! gives each publish an outcome (delivered on PUBCOMP, refused with the PUBREC reason
+//! code, or indeterminate when the session was lost), honours the broker's Receive
+//! Maximum, resolves deferred acknowledgements in arrival order, and resumes sessions.
+//!
+//! [`Link`] wraps one client: persistent session (`clean_start=false`, non-zero session
+//! expiry), a first connect retried with capped exponential backoff (later reconnects are
+//! the client's own, with the same backoff), a [`LinkState`] to watch, and
+//! [`Link::publish`], which waits for the end of the QoS 2 handshake.
+//!
+//! Environment: `MQTT_HOST` (alias `MQTT_BROKER`), `MQTT_PORT`, `MQTT_SESSION_EXPIRY_SECS`,
+//! `MQTT_KEEPALIVE_SECS`, `MQTT_RECONNECT_MIN_MS`, `MQTT_RECONNECT_MAX_MS`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqtt5::{
+    ConnectOptions, ConnectionEvent, MqttClient, MqttError, PublishOptions, PublishOutcome,
+    PublishResult, QoS,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{ConfigError, Env};
+
+pub use mqtt5;
+
+/// Broker connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// `MQTT_HOST` (or upstream's `MQTT_BROKER`): broker host name or address
+    /// (default `localhost`).
+    pub host: String,
+    /// `MQTT_PORT`: broker port (default 1883).
+    pub port: u16,
+    /// `SERVICE_NAME`: the client id, and so the session the broker keeps.
+    pub client_id: String,
+    /// `MQTT_SESSION_EXPIRY_SECS`: how long the broker keeps the session (subscriptions,
+    /// queued and unacknowledged messages) while the client is away (default 86400: a
+    /// day, long enough to survive any restart of an experiment).
+    pub session_expiry: Duration,
+    /// `MQTT_KEEPALIVE_SECS`: MQTT keep-alive (default 30).
+    pub keep_alive: Duration,
+    /// `MQTT_RECONNECT_MIN_MS`: first reconnect delay (default 250).
+    pub reconnect_min: Duration,
+    /// `MQTT_RECONNECT_MAX_MS`: reconnect delays double up to this (default 5000).
+    pub reconnect_max: Duration,
+}
+
+impl MqttConfig {
+    /// Reads the broker settings; `default_client_id` applies when `SERVICE_NAME` is unset.
+    pub fn from_env(env: &Env<'_>, default_client_id: &str) -> Result<Self, ConfigError> {
+        let host = env
+            .raw_any(&["MQTT_HOST", "MQTT_BROKER"])
+            .map_or_else(|| "localhost".to_owned(), |(_, v)| v);
+        if host.contains(['/', ' ', ':']) && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(ConfigError::new(
+                "MQTT_HOST",
+                &host,
+                "a host name or IP address, without scheme or port",
+            ));
+        }
+        let session_expiry: u32 = env.number("MQTT_SESSION_EXPIRY_SECS", 86_400, 1, u32::MAX)?;
+        let client_id = env.string("SERVICE_NAME", default_client_id);
+        if !mqtt5::is_valid_client_id(&client_id) {
+            return Err(ConfigError::new(
+                "SERVICE_NAME",
+                &client_id,
+                "a valid MQTT client id (letters, digits, '-', '_', up to 23+ characters)",
+            ));
+        }
+        Ok(Self {
+            host,
+            port: env.number("MQTT_PORT", 1883, 1, u16::MAX)?,
+            client_id,
+            session_expiry: Duration::from_secs(u64::from(session_expiry)),
+            keep_alive: Duration::from_secs(env.number("MQTT_KEEPALIVE_SECS", 30, 0, 65_535)?),
+            reconnect_min: env.millis("MQTT_RECONNECT_MIN_MS", Duration::from_millis(250))?,
+            reconnect_max: env.millis("MQTT_RECONNECT_MAX_MS", Duration::from_secs(5))?,
+        })
+    }
+
+    /// `mqtt://host:port`.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            format!("mqtt://{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Connect options for a persistent session that resumes after restarts.
+    pub fn connect_options(&self) -> ConnectOptions {
+        let expiry = u32::try_from(self.session_expiry.as_secs()).unwrap_or(u32::MAX);
+        ConnectOptions::new(self.client_id.clone())
+            .with_clean_start(false)
+            .with_session_expiry_interval(expiry)
+            // A restarted process resumes the session the broker kept for its client id:
+            // that is how unacknowledged messages reach it again.
+            .with_resume_existing_session(true)
+            .with_keep_alive(self.keep_alive)
+            .with_automatic_reconnect(true)
+            .with_reconnect_delay(
+                self.reconnect_min,
+                self.reconnect_max.max(self.reconnect_min),
+            )
+    }
+}
+
+/// The connection as the bridges see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkState {
+    /// Connected right now.
+    pub connected: bool,
+    /// Whether the broker resumed the session on the last CONNACK.
+    pub session_present: bool,
+    /// CONNACKs received so far; changes on every (re)connect.
+    pub connects: u64,
+}
+
+/// Why a publish did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// No connection to the broker: nothing was sent.
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// The broker refused the message (PUBACK/PUBREC reason ≥ 0x80): it was discarded.
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
+    /// The outcome is unknown (the connection or session was lost mid-handshake, or the
+    /// handshake did not finish in time); the message may or may not be delivered.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// Anything else the client reported before sending.
+    #[error("publish failed: {0}")]
+    Failed(String),
+}
+
+/// How a publish completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The handshake finished on the connection it started on.
+    Direct,
+    /// The handshake finished only after a reconnect. A broker restarted from an older
+    /// snapshot answers a resent PUBREL with PUBCOMP even for a message it lost, so such
+    /// a completion proves less; publish again where at-least-once matters.
+    AfterReconnect,
+}
+
+/// One MQTT client with a persistent session.
+#[derive(Clone)]
+pub struct Link {
+    /// The client.
+    pub client: MqttClient,
+    config: Arc<MqttConfig>,
+    state: watch::Receiver<LinkState>,
+}
+
+impl Link {
+    /// Creates the client with `options` (from [`MqttConfig::connect_options`], tuned by
+    /// the caller); it does not connect yet.
+    pub async fn new(config: MqttConfig, options: ConnectOptions) -> anyhow::Result<Self> {
+        let client = MqttClient::with_options(options);
+        // Fail fast instead of queueing inside the client while disconnected: a request
+        // must not be acknowledged on the strength of a queue that a restart loses.
+        client.set_queue_on_disconnect(false).await;
+        let (tx, state) = watch::channel(LinkState::default());
+        let client_id = config.client_id.clone();
+        client
+            .on_connection_event(move |event| match event {
+                ConnectionEvent::Connected {
+                    session_present, ..
+                } => {
+                    tx.send_modify(|s| {
+                        s.connected = true;
+                        s.session_present = session_present;
+                        s.connects += 1;
+                    });
+                    info!(client_id, session_present, "connected to the broker");
+                }
+                ConnectionEvent::Disconnected { reason } => {
+                    tx.send_modify(|s| s.connected = false);
+                    warn!(client_id, ?reason, "disconnected from the broker");
+                }
+                ConnectionEvent::ReconnectFailed { error } => {
+                    tx.send_modify(|s| s.connected = false);
+                    warn!(client_id, %error, "reconnecting gave up");
+                }
+                _ => {}
+            })
+            .await?;
+        Ok(Self {
+            client,
+            config: Arc::new(config),
+            state,
+        })
+    }
+
+    /// Watches the connection state.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
+    }
+
+    /// Whether the client is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.state.borrow().connected
+    }
+
+    /// Connects, retrying with capped exponential backoff until it succeeds or `shutdown`
+    /// fires; afterwards the client reconnects by itself. Returns whether it connected.
+    pub async fn connect(&self, shutdown: &CancellationToken) -> bool {
+        let address = self.config.address();
+        let mut delay = self.config.reconnect_min;
+        loop {
+            if self.is_connected() {
+                return true;
+            }
+            match self.client.connect(&address).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    warn!(%address, %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(self.config.reconnect_max.max(self.config.reconnect_min));
+        }
+    }
+
+    /// Waits until connected or `within` passes.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let mut state = self.state();
+        tokio::time::timeout(within, state.wait_for(|s| s.connected))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Publishes at `qos` and waits up to `timeout` for the end of the handshake (PUBCOMP
+    /// for QoS 2).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        qos: QoS,
+        user_properties: Vec<(String, String)>,
+        timeout: Duration,
+    ) -> Result<Completed, PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let mut options = PublishOptions {
+            qos,
+            ..PublishOptions::default()
+        };
+        options.properties.user_properties = user_properties;
+        let started = self.client.publish_with_options(topic, payload, options);
+        let result = match tokio::time::timeout(timeout, started).await {
+            Err(_) => {
+                return Err(PublishError::Indeterminate(format!(
+                    "no acknowledgement within {timeout:?}"
+                )));
+            }
+            Ok(Err(MqttError::NotConnected)) => return Err(PublishError::NotConnected),
+            Ok(Err(MqttError::PublishFailed(reason))) => {
+                return Err(PublishError::Refused(format!("{reason:?}")));
+            }
+            Ok(Err(error)) => return Err(PublishError::Failed(error.to_string())),
+            Ok(Ok(result)) => result,
+        };
+        match result {
+            PublishResult::Sent(_) => Ok(Completed::Direct),
+            PublishResult::Queued(handle) => {
+                // Sent, but the connection ended (or the acknowledgement is late): the
+                // client resends on the resumed session; wait for that outcome.
+                match tokio::time::timeout(timeout, handle.outcome()).await {
+                    Err(_) => Err(PublishError::Indeterminate(format!(
+                        "no acknowledgement within {timeout:?}"
+                    ))),
+                    Ok(PublishOutcome::Delivered(_)) => Ok(Completed::AfterReconnect),
+                    Ok(PublishOutcome::Rejected(rejection)) => {
+                        Err(PublishError::Refused(format!("{rejection:?}")))
+                    }
+                    Ok(PublishOutcome::Indeterminate(reason)) => {
+                        Err(PublishError::Indeterminate(format!("{reason:?}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Disconnects cleanly (the broker keeps the session).
+    pub async fn disconnect(&self) {
+        if let Err(error) = self.client.disconnect().await {
+            warn!(%error, "disconnect failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn broker_settings_from_env() {
+        let env: HashMap<&str, &str> =
+            [("MQTT_BROKER", "mosquitto"), ("SERVICE_NAME", "proxy1-1")].into();
+        let cfg = MqttConfig::from_env(&Env::new(&env), "x").unwrap();
+        assert_eq!(cfg.address(), "mqtt://mosquitto:1883");
+        assert_eq!(cfg.client_id, "proxy1-1");
+        let env: HashMap<&str, &str> = [("MQTT_HOST", "a"), ("MQTT_BROKER", "b")].into();
+        assert_eq!(
+            MqttConfig::from_env(&Env::new(&env), "x").unwrap().host,
+            "a"
+        );
+        let env: HashMap<&str, &str> = [("MQTT_HOST", "mqtt://a:1")].into();
+        assert_eq!(
+            MqttConfig::from_env(&Env::new(&env), "x").unwrap_err().var,
+            "MQTT_HOST"
+        );
+        let env: HashMap<&str, &str> = [("MQTT_PORT", "0")].into();
+        assert_eq!(
+            MqttConfig::from_env(&Env::new(&env), "x").unwrap_err().var,
+            "MQTT_PORT"
+        );
+    }
+}
