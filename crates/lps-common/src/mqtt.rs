@@ -68,11 +68,15 @@ impl MqttConfig {
         }
         let session_expiry: u32 = env.number("MQTT_SESSION_EXPIRY_SECS", 86_400, 1, u32::MAX)?;
         let client_id = env.string("SERVICE_NAME", default_client_id);
-        if !mqtt5::is_valid_client_id(&client_id) {
+        if client_id.len() > 128
+            || client_id
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "/+#".contains(c))
+        {
             return Err(ConfigError::new(
                 "SERVICE_NAME",
                 &client_id,
-                "a valid MQTT client id (letters, digits, '-', '_', up to 23+ characters)",
+                "an MQTT client id: up to 128 characters, no spaces, control characters, '/', '+' or '#'",
             ));
         }
         Ok(Self {

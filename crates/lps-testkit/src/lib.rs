@@ -8,6 +8,8 @@
 //!   its address read from its `listening` log line, killed when dropped.
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping.
 
+pub mod mosquitto;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    legacy_proxy_2::main()
+}

@@ -1,0 +1,123 @@
+//! The NG chain end to end: ars-comp-1 ×3 → legacy-proxy-1 ×3 → Mosquitto →
+//! legacy-proxy-2 ×3 → ars-comp-2 → rast-simulator.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http::StatusCode;
+use lps_testkit::mosquitto::Mosquitto;
+use lps_testkit::{eventually, http1_client};
+use rast_simulator::model::Model;
+
+use crate::harness::{self, Simulator};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared() {
+    let broker = Mosquitto::start().await;
+    let sim = Simulator::start(Model::Zero).await;
+    let ac2 = harness::relay(
+        ars_comp_2::app,
+        &sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
+        false,
+    )
+    .await;
+    let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let mut lp2s = Vec::new();
+    for i in 1..=3 {
+        lp2s.push(
+            harness::lp2(
+                &broker,
+                &format!("proxy2-{i}"),
+                &target,
+                &[("USE_HTTP_2", "true")],
+            )
+            .await,
+        );
+    }
+    let mut lp1s = Vec::new();
+    let mut entries = Vec::new();
+    for i in 1..=3 {
+        let lp1 = harness::lp1(
+            &broker,
+            &format!("proxy1-{i}"),
+            &format!("proxy{i}/message"),
+            &[],
+        )
+        .await;
+        entries.push(
+            harness::relay(
+                ars_comp_1::app,
+                &lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
+                false,
+            )
+            .await,
+        );
+        lp1s.push(lp1);
+    }
+    harness::ready(&lp2s.iter().chain(&lp1s).collect::<Vec<_>>()).await;
+
+    let client = http1_client();
+    let ids: Vec<String> = (1..=1000).map(|i| (10_000 + i).to_string()).collect();
+    let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| {
+            let url = entries[i % 3].url("/api/v1/simple");
+            let client = client.clone();
+            async move {
+                let response = client
+                    .post(url)
+                    .header("Request-Id", id)
+                    .body(harness::alarm())
+                    .send()
+                    .await
+                    .unwrap();
+                (id.clone(), response.status())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let acknowledged: BTreeSet<String> = statuses
+        .iter()
+        .filter(|(_, s)| *s == StatusCode::OK)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(
+        acknowledged.len(),
+        1000,
+        "every request acknowledged: {:?}",
+        statuses.iter().find(|(_, s)| *s != StatusCode::OK)
+    );
+
+    let arrivals = eventually("all 1000 at the simulator", Duration::from_secs(30), || {
+        let arrivals = sim.arrivals();
+        async move { (arrivals.len() >= 1000).then_some(arrivals) }
+    })
+    .await;
+    let arrived: BTreeSet<String> = arrivals.keys().cloned().collect();
+    assert_eq!(
+        arrived, acknowledged,
+        "the simulator saw exactly the acknowledged ids"
+    );
+    let duplicates: Vec<_> = arrivals.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "duplicates without any fault: {duplicates:?}"
+    );
+
+    let mut shares = Vec::new();
+    for lp2 in &lp2s {
+        shares.push(lp2.counter("bridge_forwarded_total").await);
+    }
+    println!("forwarded per legacy-proxy-2: {shares:?}");
+    assert_eq!(shares.iter().sum::<f64>(), 1000.0);
+    for share in &shares {
+        assert!(
+            *share >= 200.0,
+            "every legacy-proxy-2 forwards a fair share: {shares:?}"
+        );
+    }
+    for lp2 in lp2s {
+        lp2.stop().await;
+    }
+}

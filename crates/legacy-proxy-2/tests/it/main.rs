@@ -1,0 +1,4 @@
+//! The bridges over a real Mosquitto: the NG chain, faults, poison messages, windows.
+
+mod chain;
+mod harness;

@@ -1,0 +1,172 @@
+//! A real Mosquitto broker for tests: the repository's `mosquitto/mosquitto.conf` with the
+//! port, persistence folder and log redirected into a temporary folder, on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// A Mosquitto process; killed when dropped.
+pub struct Mosquitto {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// The Mosquitto executable, or a panic that says how to install it.
+pub fn binary() -> PathBuf {
+    for candidate in [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+    ] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("mosquitto"))
+            .find(|p| p.exists())
+    }) {
+        return path;
+    }
+    panic!("these tests need Mosquitto: apt-get install mosquitto (.ci/run installs it)");
+}
+
+impl Mosquitto {
+    /// Starts a broker with the repository configuration.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a broker with the repository configuration, each `overrides` line
+    /// (`"key value"`) replacing the setting of that key.
+    pub async fn start_with(overrides: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let base = std::fs::read_to_string(repo_config()).expect("read mosquitto/mosquitto.conf");
+        let replaced: Vec<&str> = overrides
+            .iter()
+            .filter_map(|line| line.split_whitespace().next())
+            .chain(["listener", "persistence_location", "log_dest", "user"])
+            .collect();
+        let mut config: String = base
+            .lines()
+            .filter(|line| {
+                let key = line.split_whitespace().next().unwrap_or("");
+                !replaced.contains(&key)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        config.push_str(&format!("listener {port} 127.0.0.1\n"));
+        config.push_str(&format!("persistence_location {}/\n", dir.path().display()));
+        config.push_str(&format!(
+            "log_dest file {}\n",
+            dir.path().join("mosquitto.log").display()
+        ));
+        if nix::unistd::geteuid().is_root() {
+            // Otherwise Mosquitto drops to the `mosquitto` user, which cannot write here.
+            config.push_str("user root\n");
+        }
+        for line in overrides {
+            config.push_str(line);
+            config.push('\n');
+        }
+        let path = dir.path().join("mosquitto.conf");
+        std::fs::write(&path, config).expect("write config");
+        let mut broker = Self {
+            port,
+            dir,
+            config: path,
+            child: None,
+        };
+        broker.launch().await;
+        broker
+    }
+
+    async fn launch(&mut self) {
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("mosquitto exited ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto not listening within 10 s; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `MQTT_HOST`/`MQTT_PORT` for a client of this broker.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("MQTT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_PORT", self.port.to_string()),
+        ]
+    }
+
+    /// Kills the broker with SIGKILL (no final save).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops the broker with SIGTERM (it saves its state) and waits.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+
+    /// Starts the broker again on the same port with the same persistence folder.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.launch().await;
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+fn repo_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mosquitto/mosquitto.conf")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
