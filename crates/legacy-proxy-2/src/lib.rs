@@ -54,6 +54,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+/// How long a stopping bridge keeps the connection after its last acknowledgement.
+const ACK_SETTLE: Duration = Duration::from_millis(200);
+
 /// Default target: ars-comp-2 on its usual port.
 pub const DEFAULT_TARGET: &str = "http://localhost:8080/ID_REQ_KC_STORE7D3BPACKET";
 
@@ -297,6 +300,10 @@ impl Bridge {
             );
         }
         subscriber.abort();
+        // Acknowledgements leave through the client's background writer; give the last
+        // ones a moment to reach the broker so it does not deliver those messages again.
+        // (The client offers no way to wait for that; on loopback it takes microseconds.)
+        tokio::time::sleep(ACK_SETTLE).await;
         self.link.disconnect().await;
         // Messages that arrived but were not started: unacknowledged, so the broker
         // delivers them again. Forget the tokens rather than let them send a negative

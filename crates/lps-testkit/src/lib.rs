@@ -282,6 +282,11 @@ impl ChildService {
         Ok(())
     }
 
+    /// Kills the process with SIGKILL and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Waits for the process to exit, at most `within`.
     pub async fn wait(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         Ok(tokio::time::timeout(within, self.child.wait()).await??)

@@ -240,3 +240,67 @@ pub fn alarm() -> String {
 pub fn message() -> String {
     r#"{"id":"070010","body":"alarm"}"#.to_owned()
 }
+
+/// ars-comp-2 on `addr` in front of `target` (to bring a stopped one back on its port).
+pub async fn ars_comp_2_on(addr: SocketAddr, target: &str) -> TestServer {
+    let config = UpstreamConfig::for_targets(parse_targets(target).unwrap());
+    let mut registry = Registry::default();
+    let upstream = Arc::new(Upstream::new(&config, &mut registry).unwrap());
+    TestServer::start_on(
+        addr,
+        ars_comp_2::app(upstream, registry, 1 << 20),
+        Protocols::default(),
+    )
+    .await
+}
+
+/// Sends `ids` to legacy-proxy-1 at `url`, `concurrency` at a time; returns the status of each.
+pub async fn send(
+    url: &str,
+    ids: impl IntoIterator<Item = String>,
+    concurrency: usize,
+) -> Vec<(String, http::StatusCode)> {
+    use futures_util::StreamExt;
+    let client = lps_testkit::http1_client();
+    futures_util::stream::iter(ids)
+        .map(|id| {
+            let client = client.clone();
+            let url = url.to_owned();
+            async move {
+                let status = client
+                    .post(url)
+                    .header("Request-Id", &id)
+                    .body(message())
+                    .send()
+                    .await
+                    .map_or(http::StatusCode::BAD_GATEWAY, |r| r.status());
+                (id, status)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// The ids answered 200.
+pub fn acknowledged(statuses: &[(String, http::StatusCode)]) -> std::collections::BTreeSet<String> {
+    statuses
+        .iter()
+        .filter(|(_, s)| s.is_success())
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Waits until every id of `expected` arrived at `sim`; returns the arrivals.
+pub async fn all_arrive(
+    sim: &Simulator,
+    expected: &std::collections::BTreeSet<String>,
+    within: Duration,
+) -> BTreeMap<String, usize> {
+    lps_testkit::eventually("every acknowledged id at the simulator", within, || {
+        let arrivals = sim.arrivals();
+        let done = expected.iter().all(|id| arrivals.contains_key(id));
+        async move { done.then_some(arrivals) }
+    })
+    .await
+}

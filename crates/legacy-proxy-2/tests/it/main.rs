@@ -1,4 +1,5 @@
 //! The bridges over a real Mosquitto: the NG chain, faults, poison messages, windows.
 
 mod chain;
+mod faults;
 mod harness;
