@@ -89,12 +89,17 @@ impl Mosquitto {
     }
 
     async fn launch(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.stderr"))
+            .expect("mosquitto stderr file");
         let child = Command::new(binary())
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start mosquitto");
@@ -153,9 +158,11 @@ impl Mosquitto {
         self.launch().await;
     }
 
-    /// The broker's log so far.
+    /// The broker's log (and stderr) so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        read("mosquitto.stderr") + &read("mosquitto.log")
     }
 }
 

@@ -3,3 +3,4 @@
 mod chain;
 mod faults;
 mod harness;
+mod messages;
