@@ -338,3 +338,82 @@ mod tests {
         );
     }
 }
+
+/// Rewrites a Mosquitto configuration (normally `mosquitto/mosquitto.conf`) for a local
+/// run: listens on `127.0.0.1:port`, persists in and logs to `dir`, and applies each
+/// `overrides` line (`"key value"`), dropping the base's lines for the same keys. When
+/// running as root, `user root` keeps Mosquitto from switching to a user that cannot
+/// write `dir`.
+pub fn mosquitto_config(
+    base: &str,
+    port: u16,
+    dir: &std::path::Path,
+    overrides: &[&str],
+    as_root: bool,
+) -> String {
+    let replaced: Vec<&str> = overrides
+        .iter()
+        .filter_map(|line| line.split_whitespace().next())
+        .chain(["listener", "persistence_location", "log_dest", "user"])
+        .collect();
+    let mut config: String = base
+        .lines()
+        .filter(|line| !replaced.contains(&line.split_whitespace().next().unwrap_or("")))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    config.push_str(&format!("listener {port} 127.0.0.1\n"));
+    config.push_str(&format!("persistence_location {}/\n", dir.display()));
+    config.push_str(&format!(
+        "log_dest file {}\n",
+        dir.join("mosquitto.log").display()
+    ));
+    if as_root {
+        config.push_str("user root\n");
+    }
+    for line in overrides {
+        config.push_str(line);
+        config.push('\n');
+    }
+    config
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn mosquitto_config_is_redirected_and_overridden() {
+        let base = "listener 1883\npersistence true\npersistence_location /mosquitto/data/\nmax_inflight_messages 128\n";
+        let out = super::mosquitto_config(
+            base,
+            4000,
+            std::path::Path::new("/tmp/x"),
+            &["max_inflight_messages 1"],
+            true,
+        );
+        assert!(
+            !out.contains("1883") && !out.contains("/mosquitto/data/") && !out.contains("128"),
+            "{out}"
+        );
+        for line in [
+            "listener 4000 127.0.0.1",
+            "persistence true",
+            "persistence_location /tmp/x/",
+            "user root",
+            "max_inflight_messages 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
+        }
+    }
+}
+
+/// The Mosquitto executable, if installed (`/usr/sbin/mosquitto` or on `PATH`).
+pub fn mosquitto_binary() -> Option<std::path::PathBuf> {
+    let fixed = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"].map(std::path::PathBuf::from);
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("mosquitto"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    fixed.into_iter().chain(on_path).find(|p| p.is_file())
+}

@@ -18,23 +18,9 @@ pub struct Mosquitto {
 
 /// The Mosquitto executable, or a panic that says how to install it.
 pub fn binary() -> PathBuf {
-    for candidate in [
-        "/usr/sbin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-    ] {
-        if Path::new(candidate).exists() {
-            return PathBuf::from(candidate);
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("mosquitto"))
-            .find(|p| p.exists())
-    }) {
-        return path;
-    }
-    panic!("these tests need Mosquitto: apt-get install mosquitto (.ci/run installs it)");
+    lps_common::mqtt::mosquitto_binary().unwrap_or_else(|| {
+        panic!("these tests need Mosquitto: apt-get install mosquitto (.ci/run installs it)")
+    })
 }
 
 impl Mosquitto {
@@ -49,33 +35,13 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let base = std::fs::read_to_string(repo_config()).expect("read mosquitto/mosquitto.conf");
-        let replaced: Vec<&str> = overrides
-            .iter()
-            .filter_map(|line| line.split_whitespace().next())
-            .chain(["listener", "persistence_location", "log_dest", "user"])
-            .collect();
-        let mut config: String = base
-            .lines()
-            .filter(|line| {
-                let key = line.split_whitespace().next().unwrap_or("");
-                !replaced.contains(&key)
-            })
-            .map(|line| format!("{line}\n"))
-            .collect();
-        config.push_str(&format!("listener {port} 127.0.0.1\n"));
-        config.push_str(&format!("persistence_location {}/\n", dir.path().display()));
-        config.push_str(&format!(
-            "log_dest file {}\n",
-            dir.path().join("mosquitto.log").display()
-        ));
-        if nix::unistd::geteuid().is_root() {
-            // Otherwise Mosquitto drops to the `mosquitto` user, which cannot write here.
-            config.push_str("user root\n");
-        }
-        for line in overrides {
-            config.push_str(line);
-            config.push('\n');
-        }
+        let config = lps_common::mqtt::mosquitto_config(
+            &base,
+            port,
+            dir.path(),
+            overrides,
+            nix::unistd::geteuid().is_root(),
+        );
         let path = dir.path().join("mosquitto.conf");
         std::fs::write(&path, config).expect("write config");
         let mut broker = Self {

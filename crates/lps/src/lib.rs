@@ -14,7 +14,47 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::supervisor::Supervisor;
-use crate::topology::{Options, Topology};
+use crate::topology::{Broker, Options, Program, Topology};
+
+/// The repository's Mosquitto configuration, compiled in for runs outside the repository.
+const MOSQUITTO_CONF: &str = include_str!("../../../mosquitto/mosquitto.conf");
+
+/// Which broker the NG topology uses (`--broker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// Mosquitto when installed, else the embedded broker.
+    Auto,
+    /// Mosquitto from `PATH`, started for the run with `mosquitto/mosquitto.conf`.
+    Mosquitto,
+    /// A broker already running at this host and port.
+    External(String, u16),
+}
+
+impl std::str::FromStr for BrokerChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "mosquitto" => Ok(Self::Mosquitto),
+            other => {
+                let rest = other.strip_prefix("mqtt://").ok_or_else(|| {
+                    format!("{other:?}: expected auto, mosquitto or mqtt://HOST:PORT")
+                })?;
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{other:?}: expected mqtt://HOST:PORT"))?;
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("{other:?}: {port:?} is not a port"))?;
+                Ok(Self::External(
+                    host.trim_matches(['[', ']']).to_owned(),
+                    port,
+                ))
+            }
+        }
+    }
+}
 
 /// A fresh run folder `runs/<UTC timestamp>-<topology>` (or `out`).
 pub fn run_dir(out: Option<PathBuf>, topology: Topology) -> anyhow::Result<PathBuf> {
@@ -32,10 +72,34 @@ pub fn run_dir(out: Option<PathBuf>, topology: Topology) -> anyhow::Result<PathB
 pub async fn start(
     topology: Topology,
     options: &Options,
+    broker: &BrokerChoice,
     dir: &std::path::Path,
 ) -> anyhow::Result<Supervisor> {
+    let broker = match (topology, broker) {
+        (Topology::Legacy, _) => None,
+        (Topology::Ng, BrokerChoice::External(host, port)) => Some(Broker::External {
+            host: host.clone(),
+            port: *port,
+        }),
+        (Topology::Ng, BrokerChoice::Mosquitto | BrokerChoice::Auto) => {
+            if lps_common::mqtt::mosquitto_binary().is_none() {
+                anyhow::bail!(
+                    "Mosquitto is not installed: apt-get install mosquitto, or pass --broker mqtt://HOST:PORT"
+                );
+            }
+            Some(Broker::Mosquitto {
+                config: dir.join("broker").join("mosquitto.conf"),
+            })
+        }
+    };
+    let specs = topology::services(topology, options, broker.as_ref());
+    if let Some(Broker::Mosquitto { config }) = &broker
+        && let Some(spec) = specs.iter().find(|s| s.program == Program::Mosquitto)
+    {
+        write_mosquitto_config(config, spec.port)?;
+    }
     let mut supervisor = Supervisor::new(dir)?;
-    for spec in topology::services(topology, options) {
+    for spec in specs {
         let name = spec.name.clone();
         if let Err(e) = supervisor.start(spec).await {
             supervisor.stop_all(Duration::from_secs(5)).await;
@@ -45,10 +109,28 @@ pub async fn start(
     Ok(supervisor)
 }
 
+/// Writes the broker configuration for a run: the repository's `mosquitto/mosquitto.conf`
+/// (the copy in the working directory when there is one) on `port`, persisting next to it.
+fn write_mosquitto_config(path: &std::path::Path, port: u16) -> anyhow::Result<()> {
+    let dir = path.parent().context("broker folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let base = std::fs::read_to_string("mosquitto/mosquitto.conf")
+        .unwrap_or_else(|_| MOSQUITTO_CONF.to_owned());
+    let dir = std::fs::canonicalize(dir)?;
+    let as_root = nix::unistd::geteuid().is_root();
+    let config = lps_common::mqtt::mosquitto_config(&base, port, &dir, &[], as_root);
+    std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))
+}
+
 /// `lps up`: start, print the entry URLs, wait for Ctrl-C (or SIGTERM), stop.
-pub async fn up(topology: Topology, options: Options, out: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn up(
+    topology: Topology,
+    options: Options,
+    broker: BrokerChoice,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let dir = run_dir(out, topology)?;
-    let mut supervisor = start(topology, &options, &dir).await?;
+    let mut supervisor = start(topology, &options, &broker, &dir).await?;
     println!(
         "{topology} topology is up; logs in {}",
         supervisor.logs().display()

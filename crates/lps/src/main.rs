@@ -30,6 +30,9 @@ enum Command {
         /// ars-comp-1 sends h2c to the next hop.
         #[arg(long)]
         http2: bool,
+        /// NG broker: auto (Mosquitto when installed), mosquitto, or mqtt://HOST:PORT.
+        #[arg(long, default_value = "auto")]
+        broker: lps::BrokerChoice,
         /// Simulator options, e.g. --sim-arg=-m --sim-arg=fixed.
         #[arg(long = "sim-arg", allow_hyphen_values = true)]
         sim_args: Vec<String>,
@@ -54,6 +57,12 @@ fn main() -> ExitCode {
             Program::RastSimulator => {
                 rast_simulator::main(std::iter::once("rast-simulator".to_owned()).chain(args))
             }
+            Program::LegacyProxy1 => legacy_proxy_1::main(),
+            Program::LegacyProxy2 => legacy_proxy_2::main(),
+            Program::Mosquitto => {
+                eprintln!("error: mosquitto is an external program; run it directly");
+                ExitCode::FAILURE
+            }
         },
         Command::Up {
             topology,
@@ -61,6 +70,7 @@ fn main() -> ExitCode {
             port_offset,
             ephemeral_ports,
             http2,
+            broker,
             sim_args,
         } => {
             let options = Options {
@@ -76,7 +86,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(lps::up(topology, options, out)) {
+            match runtime.block_on(lps::up(topology, options, broker, out)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::topology::ServiceSpec;
+use crate::topology::{Health, Program, ServiceSpec};
 
 /// A running service.
 #[derive(Debug)]
@@ -25,9 +25,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`mqtt://` for the broker).
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.spec.port)
+        let scheme = if self.spec.program == Program::Mosquitto {
+            "mqtt"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.spec.port)
     }
 }
 
@@ -71,17 +76,28 @@ impl Supervisor {
         let stderr_path = self.logs.join(format!("{}.stderr", spec.name));
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("creating {}", stderr_path.display()))?;
-        let mut command = Command::new(&self.exe);
+        let mut command = if spec.program == Program::Mosquitto {
+            let binary = lps_common::mqtt::mosquitto_binary().context(
+                "Mosquitto is not installed (apt-get install mosquitto), or use --broker embedded",
+            )?;
+            let mut command = Command::new(binary);
+            command.args(&spec.args).env_clear();
+            command
+        } else {
+            let mut command = Command::new(&self.exe);
+            command
+                .arg("service")
+                .arg(spec.program.name())
+                .arg("--")
+                .args(&spec.args)
+                .env_clear()
+                .env("HTTP_HOST", "127.0.0.1")
+                .env("HTTP_PORT", spec.port.to_string())
+                .env("SERVICE_NAME", &spec.name)
+                .env("LOG_DIR", &self.logs);
+            command
+        };
         command
-            .arg("service")
-            .arg(spec.program.name())
-            .arg("--")
-            .args(&spec.args)
-            .env_clear()
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", spec.port.to_string())
-            .env("SERVICE_NAME", &spec.name)
-            .env("LOG_DIR", &self.logs)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -107,7 +123,10 @@ impl Supervisor {
     }
 
     async fn wait_healthy(&self, service: &mut Running) -> anyhow::Result<()> {
-        let url = format!("{}/healthz", service.base_url());
+        let what = match service.spec.health {
+            Health::Http(path) => format!("{}{path}", service.base_url()),
+            Health::Tcp => format!("127.0.0.1:{}", service.spec.port),
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = service.child.try_wait()? {
@@ -117,13 +136,24 @@ impl Supervisor {
                     self.tail(&service.spec.name)
                 );
             }
-            if let Ok(response) = self.client.get(&url).send().await
-                && response.status().is_success()
-            {
+            let healthy = match service.spec.health {
+                Health::Http(_) => self
+                    .client
+                    .get(&what)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                Health::Tcp => tokio::net::TcpStream::connect(&what).await.is_ok(),
+            };
+            if healthy {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{} not healthy at {url} within 30 s", service.spec.name);
+                bail!(
+                    "{} not healthy at {what} within 30 s; see {}",
+                    service.spec.name,
+                    self.tail(&service.spec.name)
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

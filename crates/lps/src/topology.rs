@@ -1,23 +1,31 @@
 //! The local topologies: which services run, on which ports, wired how.
 //!
-//! Ports and names follow the compose files (SPEC §5), shifted by an offset so that
-//! several runs (or tests) can share a machine:
-//! baseline `ars-comp-1-{1,2,3}` on 7081-7083, each → its own `ars-comp-2-{1,2,3}` on
-//! 8081-8083, all → `ars-comp-3` (the simulator) on 8084.
+//! Names, ports and wiring follow the compose files (SPEC §5), shifted by an offset (or
+//! replaced by free ports) so that several runs can share a machine:
+//!
+//! - baseline: `ars-comp-1-{1,2,3}` on 7081-7083, each → its own `ars-comp-2-{1,2,3}` on
+//!   8081-8083, all → `ars-comp-3` (the simulator) on 8084;
+//! - NG: `ars-comp-1-i` → `proxy1-i` (legacy-proxy-1 on 8081-8083, topic
+//!   `proxy<i>/message`) → the broker (1883) → `proxy2-{1,2,3}` (legacy-proxy-2, shared
+//!   subscription; admin ports 9091-9093) → `ars-comp-2-i` (9081-9083) → `ars-comp-3`.
 
 use std::fmt;
+use std::path::PathBuf;
 
 /// Which topology to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Topology {
     /// The baseline chain: ars-comp-1 → ars-comp-2 → simulator.
     Legacy,
+    /// The refactored chain with the MQTT bridges and a broker in the middle.
+    Ng,
 }
 
 impl fmt::Display for Topology {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Legacy => "legacy",
+            Self::Ng => "ng",
         })
     }
 }
@@ -33,6 +41,15 @@ pub enum Program {
     ArsComp2,
     /// The legacy backend.
     RastSimulator,
+    /// The HTTP → MQTT bridge.
+    #[value(name = "legacy-proxy-1")]
+    LegacyProxy1,
+    /// The MQTT → HTTP bridge.
+    #[value(name = "legacy-proxy-2")]
+    LegacyProxy2,
+    /// Mosquitto, an external executable (never run through `lps service`).
+    #[value(skip)]
+    Mosquitto,
 }
 
 impl Program {
@@ -42,8 +59,20 @@ impl Program {
             Self::ArsComp1 => "ars-comp-1",
             Self::ArsComp2 => "ars-comp-2",
             Self::RastSimulator => "rast-simulator",
+            Self::LegacyProxy1 => "legacy-proxy-1",
+            Self::LegacyProxy2 => "legacy-proxy-2",
+            Self::Mosquitto => "mosquitto",
         }
     }
+}
+
+/// How to tell that a service is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `GET` on this path answers 2xx.
+    Http(&'static str),
+    /// The port accepts TCP connections.
+    Tcp,
 }
 
 /// One service process of a topology.
@@ -53,7 +82,7 @@ pub struct ServiceSpec {
     pub name: String,
     /// What it runs.
     pub program: Program,
-    /// Its HTTP port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (HTTP, or MQTT for the broker).
     pub port: u16,
     /// Extra environment.
     pub env: Vec<(String, String)>,
@@ -61,6 +90,25 @@ pub struct ServiceSpec {
     pub args: Vec<String>,
     /// Whether clients talk to it (printed as an entry URL).
     pub entry: bool,
+    /// When it counts as started.
+    pub health: Health,
+}
+
+/// The broker of the NG topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broker {
+    /// Mosquitto started by the run, with this configuration file.
+    Mosquitto {
+        /// The configuration written for this run.
+        config: PathBuf,
+    },
+    /// A broker that is already running.
+    External {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
 /// Options shaping a topology.
@@ -72,62 +120,174 @@ pub struct Options {
     pub ephemeral_ports: bool,
     /// Simulator arguments, e.g. `["-m", "fixed", "--workers", "4"]`.
     pub simulator_args: Vec<String>,
-    /// `USE_HTTP_2` between ars-comp-1 and the next hop.
+    /// `USE_HTTP_2` on the hops that may use it.
     pub http2: bool,
 }
 
-/// The services of `topology`, in start order (backend first).
-pub fn services(topology: Topology, options: &Options) -> Vec<ServiceSpec> {
-    let mut ephemeral = std::collections::HashMap::new();
-    let mut port = |p: u16| {
-        if options.ephemeral_ports {
-            *ephemeral.entry(p).or_insert_with(free_port)
+struct Ports<'a> {
+    options: &'a Options,
+    taken: std::collections::HashMap<u16, u16>,
+}
+
+impl Ports<'_> {
+    fn get(&mut self, compose: u16) -> u16 {
+        if self.options.ephemeral_ports {
+            *self.taken.entry(compose).or_insert_with(free_port)
         } else {
-            p + options.port_offset
+            compose + self.options.port_offset
         }
+    }
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/ID_REQ_KC_STORE7D3BPACKET")
+}
+
+fn spec(
+    name: String,
+    program: Program,
+    port: u16,
+    env: Vec<(&str, String)>,
+    entry: bool,
+    health: Health,
+) -> ServiceSpec {
+    ServiceSpec {
+        name,
+        program,
+        port,
+        env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        args: Vec::new(),
+        entry,
+        health,
+    }
+}
+
+/// The services of `topology`, in start order (backend first). `broker` is used by NG.
+pub fn services(
+    topology: Topology,
+    options: &Options,
+    broker: Option<&Broker>,
+) -> Vec<ServiceSpec> {
+    let mut ports = Ports {
+        options,
+        taken: std::collections::HashMap::new(),
     };
-    let sim_port = port(8084);
-    let mut specs = vec![ServiceSpec {
-        name: "ars-comp-3".into(),
-        program: Program::RastSimulator,
-        port: sim_port,
-        env: vec![],
-        args: options.simulator_args.clone(),
-        entry: false,
-    }];
+    let http2 = options.http2.to_string();
+    let sim_port = ports.get(8084);
+    let mut sim = spec(
+        "ars-comp-3".into(),
+        Program::RastSimulator,
+        sim_port,
+        vec![],
+        false,
+        Health::Http("/healthz"),
+    );
+    sim.args.clone_from(&options.simulator_args);
+    let mut specs = vec![sim];
     match topology {
         Topology::Legacy => {
             for i in 1..=3u16 {
-                specs.push(ServiceSpec {
-                    name: format!("ars-comp-2-{i}"),
-                    program: Program::ArsComp2,
-                    port: port(8080 + i),
-                    env: vec![(
-                        "TARGET_URL".into(),
-                        format!("http://127.0.0.1:{sim_port}/ID_REQ_KC_STORE7D3BPACKET"),
-                    )],
-                    args: vec![],
-                    entry: false,
-                });
+                let env = vec![("TARGET_URL", url(sim_port))];
+                specs.push(spec(
+                    format!("ars-comp-2-{i}"),
+                    Program::ArsComp2,
+                    ports.get(8080 + i),
+                    env,
+                    false,
+                    Health::Http("/healthz"),
+                ));
             }
             for i in 1..=3u16 {
-                specs.push(ServiceSpec {
-                    name: format!("ars-comp-1-{i}"),
-                    program: Program::ArsComp1,
-                    port: port(7080 + i),
-                    env: vec![
-                        (
-                            "TARGET_URL".into(),
-                            format!(
-                                "http://127.0.0.1:{}/ID_REQ_KC_STORE7D3BPACKET",
-                                port(8080 + i)
-                            ),
-                        ),
-                        ("USE_HTTP_2".into(), options.http2.to_string()),
-                    ],
-                    args: vec![],
-                    entry: true,
-                });
+                let env = vec![
+                    ("TARGET_URL", url(ports.get(8080 + i))),
+                    ("USE_HTTP_2", http2.clone()),
+                ];
+                specs.push(spec(
+                    format!("ars-comp-1-{i}"),
+                    Program::ArsComp1,
+                    ports.get(7080 + i),
+                    env,
+                    true,
+                    Health::Http("/healthz"),
+                ));
+            }
+        }
+        Topology::Ng => {
+            let (mqtt_host, mqtt_port) = match broker {
+                Some(Broker::External { host, port }) => (host.clone(), *port),
+                Some(Broker::Mosquitto { config }) => {
+                    let port = ports.get(1883);
+                    let mut mosquitto = spec(
+                        "mosquitto".into(),
+                        Program::Mosquitto,
+                        port,
+                        vec![],
+                        false,
+                        Health::Tcp,
+                    );
+                    mosquitto.args = vec!["-c".into(), config.display().to_string()];
+                    specs.push(mosquitto);
+                    ("127.0.0.1".into(), port)
+                }
+                None => ("127.0.0.1".into(), ports.get(1883)),
+            };
+            let mqtt = |extra: Vec<(&'static str, String)>| {
+                let mut env = vec![
+                    ("MQTT_HOST", mqtt_host.clone()),
+                    ("MQTT_PORT", mqtt_port.to_string()),
+                ];
+                env.extend(extra);
+                env
+            };
+            for i in 1..=3u16 {
+                let env = vec![("TARGET_URL", url(sim_port))];
+                specs.push(spec(
+                    format!("ars-comp-2-{i}"),
+                    Program::ArsComp2,
+                    ports.get(9080 + i),
+                    env,
+                    false,
+                    Health::Http("/healthz"),
+                ));
+            }
+            for i in 1..=3u16 {
+                let env = mqtt(vec![
+                    ("TARGET_URL", url(ports.get(9080 + i))),
+                    ("USE_HTTP_2", http2.clone()),
+                ]);
+                specs.push(spec(
+                    format!("proxy2-{i}"),
+                    Program::LegacyProxy2,
+                    ports.get(9090 + i),
+                    env,
+                    false,
+                    Health::Http("/readyz"),
+                ));
+            }
+            for i in 1..=3u16 {
+                let env = mqtt(vec![("MQTT_TOPIC", format!("proxy{i}/message"))]);
+                specs.push(spec(
+                    format!("proxy1-{i}"),
+                    Program::LegacyProxy1,
+                    ports.get(8080 + i),
+                    env,
+                    false,
+                    Health::Http("/readyz"),
+                ));
+            }
+            for i in 1..=3u16 {
+                let env = vec![
+                    ("TARGET_URL", url(ports.get(8080 + i))),
+                    ("USE_HTTP_2", http2.clone()),
+                ];
+                specs.push(spec(
+                    format!("ars-comp-1-{i}"),
+                    Program::ArsComp1,
+                    ports.get(7080 + i),
+                    env,
+                    true,
+                    Health::Http("/healthz"),
+                ));
             }
         }
     }
@@ -145,9 +305,16 @@ fn free_port() -> u16 {
 mod tests {
     use super::*;
 
+    fn env<'a>(spec: &'a ServiceSpec, key: &str) -> &'a str {
+        spec.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
     #[test]
     fn legacy_wiring_matches_compose() {
-        let specs = services(Topology::Legacy, &Options::default());
+        let specs = services(Topology::Legacy, &Options::default(), None);
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -161,10 +328,9 @@ mod tests {
                 "ars-comp-1-3"
             ]
         );
-        let ac1_2 = &specs[5];
-        assert_eq!(ac1_2.port, 7082);
+        assert_eq!(specs[5].port, 7082);
         assert_eq!(
-            ac1_2.env[0].1,
+            env(&specs[5], "TARGET_URL"),
             "http://127.0.0.1:8082/ID_REQ_KC_STORE7D3BPACKET"
         );
         assert_eq!(specs[0].port, 8084);
@@ -174,10 +340,53 @@ mod tests {
                 port_offset: 100,
                 ..Options::default()
             },
+            None,
         );
         assert_eq!(
-            shifted[1].env[0].1,
+            env(&shifted[1], "TARGET_URL"),
             "http://127.0.0.1:8184/ID_REQ_KC_STORE7D3BPACKET"
+        );
+    }
+
+    #[test]
+    fn ng_wiring_matches_compose() {
+        let broker = Broker::Mosquitto {
+            config: PathBuf::from("/run/m.conf"),
+        };
+        let specs = services(Topology::Ng, &Options::default(), Some(&broker));
+        let by_name = |n: &str| specs.iter().find(|s| s.name == n).unwrap();
+        assert_eq!(by_name("mosquitto").port, 1883);
+        assert_eq!(by_name("mosquitto").args, ["-c", "/run/m.conf"]);
+        assert_eq!(
+            env(by_name("ars-comp-1-2"), "TARGET_URL"),
+            "http://127.0.0.1:8082/ID_REQ_KC_STORE7D3BPACKET"
+        );
+        assert_eq!(by_name("proxy1-2").port, 8082);
+        assert_eq!(env(by_name("proxy1-2"), "MQTT_TOPIC"), "proxy2/message");
+        assert_eq!(
+            env(by_name("proxy2-3"), "TARGET_URL"),
+            "http://127.0.0.1:9083/ID_REQ_KC_STORE7D3BPACKET"
+        );
+        assert_eq!(
+            env(by_name("ars-comp-2-3"), "TARGET_URL"),
+            "http://127.0.0.1:8084/ID_REQ_KC_STORE7D3BPACKET"
+        );
+        assert_eq!(env(by_name("proxy2-1"), "MQTT_PORT"), "1883");
+        // Subscribers before publishers: legacy-proxy-1 admits traffic once one answers.
+        let position = |n: &str| specs.iter().position(|s| s.name == n).unwrap();
+        assert!(position("proxy2-3") < position("proxy1-1"));
+        let external = Broker::External {
+            host: "mq".into(),
+            port: 1999,
+        };
+        let specs = services(Topology::Ng, &Options::default(), Some(&external));
+        assert!(specs.iter().all(|s| s.program != Program::Mosquitto));
+        assert_eq!(
+            env(
+                specs.iter().find(|s| s.name == "proxy1-1").unwrap(),
+                "MQTT_HOST"
+            ),
+            "mq"
         );
     }
 }

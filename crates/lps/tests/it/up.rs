@@ -1,5 +1,5 @@
-//! `lps up legacy` starts the baseline chain as processes, serves alarms end to end, and
-//! stops every process on SIGINT.
+//! `lps up` starts a topology as processes, serves alarms end to end, and stops every
+//! process on SIGINT.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,10 +10,36 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
 async fn up_legacy_serves_alarms_end_to_end_and_stops_on_sigint() {
+    up_serves_alarms_and_stops("legacy", &["ars-comp-1-1", "ars-comp-2-3", "ars-comp-3"]).await;
+}
+
+#[tokio::test]
+async fn up_ng_with_mosquitto_serves_alarms_end_to_end_and_stops_on_sigint() {
+    up_serves_alarms_and_stops(
+        "ng",
+        &[
+            "ars-comp-1-1",
+            "proxy1-2",
+            "proxy2-3",
+            "ars-comp-2-1",
+            "ars-comp-3",
+        ],
+    )
+    .await;
+}
+
+async fn up_serves_alarms_and_stops(topology: &str, graceful: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
-        .args(["up", "legacy", "--ephemeral-ports", "--out"])
+        .args([
+            "up",
+            topology,
+            "--broker",
+            "mosquitto",
+            "--ephemeral-ports",
+            "--out",
+        ])
         .arg(&run)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -77,7 +103,7 @@ async fn up_legacy_serves_alarms_end_to_end_and_stops_on_sigint() {
             "{entry} still up"
         );
     }
-    for name in ["ars-comp-1-1", "ars-comp-2-3", "ars-comp-3"] {
+    for name in graceful {
         let log = std::fs::read_to_string(run.join("logs").join(format!("{name}.log"))).unwrap();
         assert!(
             log.contains("all connections drained"),
