@@ -61,8 +61,6 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// `MQTT_TOPIC`: where requests are published (default `proxy1/message`).
     pub topic: String,
-    /// `MQTT_QOS`: 1 or 2 (default 2).
-    pub qos: QoS,
     /// `PUBLISH_TIMEOUT_MS`: how long a request waits for its handshake (default 5000).
     pub publish_timeout: Duration,
     /// `MQTT_MAX_INFLIGHT`: publishes in flight at once (default 1024); the broker's
@@ -80,24 +78,12 @@ impl Config {
     /// Reads the configuration from `lookup`.
     pub fn from_lookup(lookup: &dyn Lookup) -> Result<Self, ConfigError> {
         let env = Env::new(lookup);
-        let qos = match env.number("MQTT_QOS", 2u8, 1, 2)? {
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
-        let topic = env.string("MQTT_TOPIC", "proxy1/message");
-        if !lps_common::mqtt::mqtt5::is_valid_topic_name(&topic) {
-            return Err(ConfigError::new(
-                "MQTT_TOPIC",
-                &topic,
-                "an MQTT topic name without wildcards",
-            ));
-        }
+        let topic = lps_common::mqtt::topic_from_env(&env, "MQTT_TOPIC", "proxy1/message")?;
         Ok(Self {
             server: ServerConfig::from_env(&env, 8080)?,
             telemetry: TelemetryConfig::from_env(&env, "legacy-proxy-1")?,
             mqtt: MqttConfig::from_env(&env, "legacy-proxy-1")?,
             topic,
-            qos,
             publish_timeout: env.millis("PUBLISH_TIMEOUT_MS", Duration::from_secs(5))?,
             max_inflight: env.number("MQTT_MAX_INFLIGHT", 1024, 1, 65_535)?,
             replay_window: env.millis("REPLAY_WINDOW_MS", Duration::from_secs(5))?,
@@ -324,7 +310,7 @@ impl Bridge {
                     .publish(
                         &self.config.topic,
                         payload.to_vec(),
-                        self.config.qos,
+                        self.config.mqtt.qos,
                         Vec::new(),
                         self.config.publish_timeout,
                     )
@@ -384,31 +370,21 @@ impl Bridge {
             .map_err(|_| unavailable("too many requests in flight"))?
             .map_err(|_| unavailable("shutting down"))?;
         let payload = Arc::new(payload);
-        let timeout = self.config.publish_timeout;
-        let qos = self.config.qos;
-        let mut result = self
-            .link
-            .publish(
-                &self.config.topic,
+        let publish = || {
+            let config = &self.config;
+            self.link.publish(
+                &config.topic,
                 payload.to_vec(),
-                qos,
+                config.mqtt.qos,
                 Vec::new(),
-                timeout,
+                config.publish_timeout,
             )
-            .await;
+        };
+        let mut result = publish().await;
         if result == Ok(Completed::AfterReconnect) {
             // Completed only after a reconnect: a broker restarted from an older snapshot
             // confirms messages it no longer has, so publish once more.
-            result = self
-                .link
-                .publish(
-                    &self.config.topic,
-                    payload.to_vec(),
-                    qos,
-                    Vec::new(),
-                    timeout,
-                )
-                .await;
+            result = publish().await;
         }
         match result {
             Ok(_) => {

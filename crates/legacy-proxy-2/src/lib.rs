@@ -71,8 +71,6 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Where messages are forwarded.
     pub upstream: UpstreamConfig,
-    /// `MQTT_QOS`: subscription QoS, 1 or 2 (default 2).
-    pub qos: QoS,
     /// `MQTT_SHARE_GROUP`: the shared-subscription group (default `legacy_proxy`).
     pub group: String,
     /// `MQTT_RECEIVE_MAXIMUM`: messages in flight at once (default 32; upstream used 1).
@@ -96,18 +94,11 @@ impl Config {
     /// Reads the configuration from `lookup`.
     pub fn from_lookup(lookup: &dyn Lookup) -> Result<Self, ConfigError> {
         let env = Env::new(lookup);
-        let qos = match env.number("MQTT_QOS", 2u8, 1, 2)? {
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
-        let dead_letter_topic = env.string("DEAD_LETTER_TOPIC", "legacy_proxy/dead_letter");
-        if !lps_common::mqtt::mqtt5::is_valid_topic_name(&dead_letter_topic) {
-            return Err(ConfigError::new(
-                "DEAD_LETTER_TOPIC",
-                &dead_letter_topic,
-                "an MQTT topic name without wildcards",
-            ));
-        }
+        let dead_letter_topic = lps_common::mqtt::topic_from_env(
+            &env,
+            "DEAD_LETTER_TOPIC",
+            "legacy_proxy/dead_letter",
+        )?;
         let group = env.string("MQTT_SHARE_GROUP", SHARE_GROUP);
         if group.contains(['/', '+', '#']) {
             return Err(ConfigError::new(
@@ -121,7 +112,6 @@ impl Config {
             telemetry: TelemetryConfig::from_env(&env, "legacy-proxy-2")?,
             mqtt: MqttConfig::from_env(&env, "legacy-proxy-2")?,
             upstream: UpstreamConfig::from_env(&env, DEFAULT_TARGET)?,
-            qos,
             group,
             receive_maximum: env.number("MQTT_RECEIVE_MAXIMUM", 32, 1, 65_535)?,
             max_attempts: env.number("MAX_ATTEMPTS", 10, 1, 1000)?,
@@ -330,7 +320,7 @@ impl Bridge {
             let current = *state.borrow_and_update();
             if current.connected {
                 let options = SubscribeOptions {
-                    qos: self.config.qos,
+                    qos: self.config.mqtt.qos,
                     ..SubscribeOptions::default()
                 };
                 let mut subscribed = true;

@@ -41,6 +41,8 @@ pub struct MqttConfig {
     pub port: u16,
     /// `SERVICE_NAME`: the client id, and so the session the broker keeps.
     pub client_id: String,
+    /// `MQTT_QOS`: 1 or 2 (default 2).
+    pub qos: QoS,
     /// `MQTT_SESSION_EXPIRY_SECS`: how long the broker keeps the session (subscriptions,
     /// queued and unacknowledged messages) while the client is away (default 86400: a
     /// day, long enough to survive any restart of an experiment).
@@ -79,10 +81,15 @@ impl MqttConfig {
                 "an MQTT client id: up to 128 characters, no spaces, control characters, '/', '+' or '#'",
             ));
         }
+        let qos = match env.number("MQTT_QOS", 2u8, 1, 2)? {
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
         Ok(Self {
             host,
             port: env.number("MQTT_PORT", 1883, 1, u16::MAX)?,
             client_id,
+            qos,
             session_expiry: Duration::from_secs(u64::from(session_expiry)),
             keep_alive: Duration::from_secs(env.number("MQTT_KEEPALIVE_SECS", 30, 0, 65_535)?),
             reconnect_min: env.millis("MQTT_RECONNECT_MIN_MS", Duration::from_millis(250))?,
@@ -114,6 +121,20 @@ impl MqttConfig {
                 self.reconnect_min,
                 self.reconnect_max.max(self.reconnect_min),
             )
+    }
+}
+
+/// An MQTT topic name (no wildcards) from `var`, or `default`.
+pub fn topic_from_env(env: &Env<'_>, var: &str, default: &str) -> Result<String, ConfigError> {
+    let topic = env.string(var, default);
+    if mqtt5::is_valid_topic_name(&topic) {
+        Ok(topic)
+    } else {
+        Err(ConfigError::new(
+            var,
+            &topic,
+            "an MQTT topic name without wildcards",
+        ))
     }
 }
 
