@@ -5,6 +5,8 @@
 //! is this executable re-run as `lps service <program>`, so `cargo run -p lps` is all a
 //! machine with the Rust toolchain needs.
 
+pub mod analyze;
+pub mod records;
 pub mod supervisor;
 pub mod topology;
 

@@ -1,0 +1,1 @@
+//! `lps analyze`: placeholder module, filled in by the analysis work.
