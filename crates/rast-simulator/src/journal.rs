@@ -73,6 +73,9 @@ pub enum Entry {
         thread: Arc<str>,
         /// The ledger record.
         record: LedgerRecord,
+        /// Told once the lines are handed to the operating system, so a killed simulator
+        /// never answered a request its ledger does not show.
+        written: Option<tokio::sync::oneshot::Sender<()>>,
     },
 }
 
@@ -180,7 +183,9 @@ fn write_entry(entry: &Entry, log: &mut impl Write, ledger: &mut impl Write) -> 
                 "CMD-START"
             )
         }
-        Entry::Finish { at, thread, record } => {
+        Entry::Finish {
+            at, thread, record, ..
+        } => {
             if record.status == 200 {
                 let t = stamp(*at);
                 writeln!(
@@ -252,6 +257,7 @@ mod tests {
                 at,
                 thread,
                 record: record.clone(),
+                written: None,
             },
             &mut log,
             &mut ledger,

@@ -256,13 +256,18 @@ impl Pending<'_> {
             record.status = status;
             record.pr3 = pr3;
             record.pred_s = pred_s;
+            let (written, done) = tokio::sync::oneshot::channel();
             self.journal
                 .send(Entry::Finish {
                     at,
                     thread: thread_name(),
                     record,
+                    written: Some(written),
                 })
                 .await;
+            // Answer only once the record is written (to the OS): a simulator killed right
+            // after answering still shows the request.
+            let _ = done.await;
         }
     }
 }
@@ -277,6 +282,7 @@ impl Drop for Pending<'_> {
                 at,
                 thread: thread_name(),
                 record,
+                written: None,
             });
         }
     }
