@@ -6,6 +6,10 @@
 //! machine with the Rust toolchain needs.
 
 pub mod analyze;
+pub mod broker;
+pub mod experiment;
+pub mod faults;
+pub mod load;
 pub mod records;
 pub mod supervisor;
 pub mod topology;
@@ -28,6 +32,8 @@ pub enum BrokerChoice {
     Auto,
     /// Mosquitto from `PATH`, started for the run with `mosquitto/mosquitto.conf`.
     Mosquitto,
+    /// The embedded broker (see [`broker`]), started for the run.
+    Embedded,
     /// A broker already running at this host and port.
     External(String, u16),
 }
@@ -39,9 +45,10 @@ impl std::str::FromStr for BrokerChoice {
         match s {
             "auto" => Ok(Self::Auto),
             "mosquitto" => Ok(Self::Mosquitto),
+            "embedded" => Ok(Self::Embedded),
             other => {
                 let rest = other.strip_prefix("mqtt://").ok_or_else(|| {
-                    format!("{other:?}: expected auto, mosquitto or mqtt://HOST:PORT")
+                    format!("{other:?}: expected auto, embedded, mosquitto or mqtt://HOST:PORT")
                 })?;
                 let (host, port) = rest
                     .rsplit_once(':')
@@ -83,10 +90,19 @@ pub async fn start(
             host: host.clone(),
             port: *port,
         }),
+        (Topology::Ng, BrokerChoice::Embedded) => Some(Broker::Embedded {
+            data: dir.join("broker"),
+        }),
+        (Topology::Ng, BrokerChoice::Auto) if lps_common::mqtt::mosquitto_binary().is_none() => {
+            eprintln!("Mosquitto is not installed; using the embedded broker");
+            Some(Broker::Embedded {
+                data: dir.join("broker"),
+            })
+        }
         (Topology::Ng, BrokerChoice::Mosquitto | BrokerChoice::Auto) => {
             if lps_common::mqtt::mosquitto_binary().is_none() {
                 anyhow::bail!(
-                    "Mosquitto is not installed: apt-get install mosquitto, or pass --broker mqtt://HOST:PORT"
+                    "Mosquitto is not installed: apt-get install mosquitto, or pass --broker embedded or mqtt://HOST:PORT"
                 );
             }
             Some(Broker::Mosquitto {
@@ -140,7 +156,7 @@ pub async fn up(
     for service in supervisor.running() {
         let role = if service.spec.entry { "entry" } else { "" };
         println!(
-            "  {:<14} {:<40} {role}",
+            "  {:<16} {:<32} {role}",
             service.spec.name,
             service.base_url()
         );

@@ -77,7 +77,8 @@ impl ClientRecord {
     /// Response time: first send to success, milliseconds.
     pub fn response_ms(&self) -> Option<f64> {
         #[allow(clippy::cast_precision_loss)]
-        self.success_us.map(|s| s.saturating_sub(self.first_send_us) as f64 / 1000.0)
+        self.success_us
+            .map(|s| s.saturating_sub(self.first_send_us) as f64 / 1000.0)
     }
 }
 
@@ -161,7 +162,10 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
             continue;
         }
         out.push(serde_json::from_str(&line).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", path.display(), n + 1))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}:{}: {e}", path.display(), n + 1),
+            )
         })?);
     }
     Ok(out)
@@ -169,7 +173,10 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
 
 /// Appends `records` to a JSON-lines file.
 pub fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> io::Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     let mut out = io::BufWriter::new(file);
     for record in records {
         serde_json::to_writer(&mut out, record)?;

@@ -10,7 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use nix::sys::signal::{Signal, kill};
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
@@ -27,7 +28,10 @@ pub struct Running {
 impl Running {
     /// `http://127.0.0.1:PORT` (`mqtt://` for the broker).
     pub fn base_url(&self) -> String {
-        let scheme = if self.spec.program == Program::Mosquitto {
+        let scheme = if matches!(
+            self.spec.program,
+            Program::Mosquitto | Program::EmbeddedBroker
+        ) {
             "mqtt"
         } else {
             "http"
@@ -42,6 +46,7 @@ pub struct Supervisor {
     exe: PathBuf,
     logs: PathBuf,
     running: Vec<Running>,
+    stopped: Vec<(usize, ServiceSpec)>,
     client: reqwest::Client,
 }
 
@@ -54,6 +59,7 @@ impl Supervisor {
             exe: std::env::current_exe().context("finding the lps executable")?,
             logs,
             running: Vec::new(),
+            stopped: Vec::new(),
             client: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(1))
@@ -188,6 +194,50 @@ impl Supervisor {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Stops service `name` with `signal` (SIGKILL or SIGTERM), waiting up to `grace` before
+    /// a SIGKILL; it can be started again with [`Supervisor::restart`].
+    pub async fn stop(
+        &mut self,
+        name: &str,
+        signal: Signal,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let index = self
+            .running
+            .iter()
+            .position(|r| r.spec.name == name)
+            .with_context(|| format!("no running service named {name}"))?;
+        let mut service = self.running.remove(index);
+        if let Some(pid) = service.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+        if tokio::time::timeout(grace, service.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = service.child.kill().await;
+        }
+        self.stopped.push((index, service.spec));
+        Ok(())
+    }
+
+    /// Starts a service stopped with [`Supervisor::stop`] again, in its old place.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let at = self
+            .stopped
+            .iter()
+            .position(|(_, spec)| spec.name == name)
+            .with_context(|| format!("no stopped service named {name}"))?;
+        let (index, spec) = self.stopped.remove(at);
+        self.start(spec).await?;
+        // `start` appended it; put it back where it was so stop order stays right.
+        if let Some(service) = self.running.pop() {
+            let index = index.min(self.running.len());
+            self.running.insert(index, service);
+        }
+        Ok(())
     }
 
     /// Stops every service, entry services first: SIGTERM, then SIGKILL after `grace`.

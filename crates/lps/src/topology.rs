@@ -50,6 +50,9 @@ pub enum Program {
     /// Mosquitto, an external executable (never run through `lps service`).
     #[value(skip)]
     Mosquitto,
+    /// The embedded MQTT broker.
+    #[value(name = "embedded-broker")]
+    EmbeddedBroker,
 }
 
 impl Program {
@@ -62,6 +65,7 @@ impl Program {
             Self::LegacyProxy1 => "legacy-proxy-1",
             Self::LegacyProxy2 => "legacy-proxy-2",
             Self::Mosquitto => "mosquitto",
+            Self::EmbeddedBroker => "embedded-broker",
         }
     }
 }
@@ -101,6 +105,11 @@ pub enum Broker {
     Mosquitto {
         /// The configuration written for this run.
         config: PathBuf,
+    },
+    /// The embedded broker, started by the run, with its state in this folder.
+    Embedded {
+        /// Its storage folder.
+        data: PathBuf,
     },
     /// A broker that is already running.
     External {
@@ -227,6 +236,22 @@ pub fn services(
                     );
                     mosquitto.args = vec!["-c".into(), config.display().to_string()];
                     specs.push(mosquitto);
+                    ("127.0.0.1".into(), port)
+                }
+                Some(Broker::Embedded { data }) => {
+                    let port = ports.get(1883);
+                    let env = vec![
+                        ("MQTT_PORT", port.to_string()),
+                        ("BROKER_DATA", data.display().to_string()),
+                    ];
+                    specs.push(spec(
+                        "embedded-broker".into(),
+                        Program::EmbeddedBroker,
+                        port,
+                        env,
+                        false,
+                        Health::Tcp,
+                    ));
                     ("127.0.0.1".into(), port)
                 }
                 None => ("127.0.0.1".into(), ports.get(1883)),

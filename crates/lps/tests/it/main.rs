@@ -1,3 +1,4 @@
 //! `lps` as a real process.
 
+mod demo;
 mod up;
