@@ -28,7 +28,17 @@ async fn up_ng_with_mosquitto_serves_alarms_end_to_end_and_stops_on_sigint() {
     .await;
 }
 
+#[tokio::test]
+async fn up_ng_with_the_embedded_broker_serves_alarms_end_to_end_and_stops_on_sigint() {
+    up_serves_alarms_and_stops_with("ng", "embedded", &["ars-comp-1-1", "proxy1-2", "proxy2-3"])
+        .await;
+}
+
 async fn up_serves_alarms_and_stops(topology: &str, graceful: &[&str]) {
+    up_serves_alarms_and_stops_with(topology, "mosquitto", graceful).await;
+}
+
+async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
@@ -36,7 +46,7 @@ async fn up_serves_alarms_and_stops(topology: &str, graceful: &[&str]) {
             "up",
             topology,
             "--broker",
-            "mosquitto",
+            broker,
             "--ephemeral-ports",
             "--out",
         ])
