@@ -7,8 +7,25 @@
 //! - [`ChildService`]: a service binary started as a real process on an ephemeral port,
 //!   its address read from its `listening` log line, killed when dropped.
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping.
+//! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
+//!   ports, behind the [`Broker`] trait so a test can run against both.
 
+pub mod embedded;
 pub mod mosquitto;
+
+/// An MQTT broker a test talks to: Mosquitto or the embedded one.
+pub trait Broker {
+    /// Its TCP port on 127.0.0.1.
+    fn port(&self) -> u16;
+
+    /// `MQTT_HOST`/`MQTT_PORT` for a client of this broker.
+    fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("MQTT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_PORT", self.port().to_string()),
+        ]
+    }
+}
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -132,6 +132,12 @@ impl Mosquitto {
     }
 }
 
+impl crate::Broker for Mosquitto {
+    fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 fn repo_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mosquitto/mosquitto.conf")
 }

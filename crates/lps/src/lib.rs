@@ -6,7 +6,6 @@
 //! machine with the Rust toolchain needs.
 
 pub mod analyze;
-pub mod broker;
 pub mod experiment;
 pub mod faults;
 pub mod load;
@@ -32,7 +31,7 @@ pub enum BrokerChoice {
     Auto,
     /// Mosquitto from `PATH`, started for the run with `mosquitto/mosquitto.conf`.
     Mosquitto,
-    /// The embedded broker (see [`broker`]), started for the run.
+    /// The embedded broker (the `lps-broker` crate), started for the run.
     Embedded,
     /// A broker already running at this host and port.
     External(String, u16),
@@ -184,4 +183,21 @@ pub async fn up(
     supervisor.stop_all(Duration::from_secs(15)).await;
     println!("stopped; logs in {}", dir.join("logs").display());
     Ok(())
+}
+
+/// `lps service embedded-broker`: the embedded MQTT broker as a process of its own. Port
+/// from `MQTT_PORT`, storage folder from `BROKER_DATA`, logging like the services;
+/// SIGTERM/SIGINT stop it.
+pub fn embedded_broker_main() -> std::process::ExitCode {
+    use lps_common::config::{Env, ProcessEnv};
+    let env = Env::new(&ProcessEnv);
+    let port = env
+        .number("MQTT_PORT", 1883u16, 1, u16::MAX)
+        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
+    let data = PathBuf::from(env.string("BROKER_DATA", "broker-data"));
+    let telemetry = lps_common::telemetry::TelemetryConfig::from_env(&env, "embedded-broker")
+        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
+    lps_common::service::main(&telemetry, async move {
+        lps_broker::run(port, data, lps_common::server::shutdown_on_signals()).await
+    })
 }

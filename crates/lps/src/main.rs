@@ -233,7 +233,7 @@ fn main() -> ExitCode {
             }
             Program::LegacyProxy1 => legacy_proxy_1::main(),
             Program::LegacyProxy2 => legacy_proxy_2::main(),
-            Program::EmbeddedBroker => lps::broker::main(),
+            Program::EmbeddedBroker => lps::embedded_broker_main(),
             Program::Mosquitto => {
                 eprintln!("error: mosquitto is an external program; run it directly");
                 ExitCode::FAILURE

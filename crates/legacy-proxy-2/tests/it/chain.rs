@@ -1,20 +1,31 @@
-//! The NG chain end to end: ars-comp-1 ×3 → legacy-proxy-1 ×3 → Mosquitto →
-//! legacy-proxy-2 ×3 → ars-comp-2 → rast-simulator.
+//! The NG chain end to end: ars-comp-1 ×3 → legacy-proxy-1 ×3 → broker →
+//! legacy-proxy-2 ×3 → ars-comp-2 → rast-simulator, with Mosquitto and with the embedded
+//! broker.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::StatusCode;
+use lps_testkit::embedded::Embedded;
 use lps_testkit::mosquitto::Mosquitto;
-use lps_testkit::{eventually, http1_client};
+use lps_testkit::{Broker, eventually, http1_client};
 use rast_simulator::model::Model;
 
 use crate::harness::{self, Simulator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared() {
-    let broker = Mosquitto::start().await;
+async fn with_mosquitto_every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared() {
+    chain(&Mosquitto::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_embedded_broker_every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared()
+ {
+    chain(&Embedded::start().await).await;
+}
+
+async fn chain(broker: &dyn Broker) {
     let sim = Simulator::start(Model::Zero).await;
     let ac2 = harness::relay(
         ars_comp_2::app,
@@ -27,7 +38,7 @@ async fn every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared(
     for i in 1..=3 {
         lp2s.push(
             harness::lp2(
-                &broker,
+                broker,
                 &format!("proxy2-{i}"),
                 &target,
                 &[("USE_HTTP_2", "true")],
@@ -39,7 +50,7 @@ async fn every_acknowledged_request_arrives_exactly_once_and_the_load_is_shared(
     let mut entries = Vec::new();
     for i in 1..=3 {
         let lp1 = harness::lp1(
-            &broker,
+            broker,
             &format!("proxy1-{i}"),
             &format!("proxy{i}/message"),
             &[],

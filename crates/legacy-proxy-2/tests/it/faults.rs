@@ -139,15 +139,24 @@ async fn a_killed_legacy_proxy_2_gets_its_unacknowledged_messages_after_a_restar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_downstream_down_messages_retry_and_arrive_once_it_is_back() {
-    let broker = Mosquitto::start().await;
+    downstream_down(&Mosquitto::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_downstream_down_messages_retry_and_arrive_once_it_is_back_with_the_embedded_broker()
+ {
+    downstream_down(&lps_testkit::embedded::Embedded::start().await).await;
+}
+
+async fn downstream_down(broker: &dyn lps_testkit::Broker) {
     let sim = Simulator::start(Model::Zero).await;
     let sim_url = sim.server.url("/ID_REQ_KC_STORE7D3BPACKET");
     let ac2 = harness::relay(ars_comp_2::app, &sim_url, false).await;
     let ac2_addr: SocketAddr = ac2.addr;
     let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
-    let lp2a = harness::lp2(&broker, "proxy2-1", &target, &[]).await;
-    let lp2b = harness::lp2(&broker, "proxy2-2", &target, &[]).await;
-    let lp1 = harness::lp1(&broker, "proxy1-1", "proxy1/message", &[]).await;
+    let lp2a = harness::lp2(broker, "proxy2-1", &target, &[]).await;
+    let lp2b = harness::lp2(broker, "proxy2-2", &target, &[]).await;
+    let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2a, &lp2b, &lp1]).await;
 
     ac2.stop().await;
@@ -183,12 +192,20 @@ async fn with_the_downstream_down_messages_retry_and_arrive_once_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_max_attempts_a_message_is_dead_lettered() {
-    let broker = Mosquitto::start().await;
+    dead_letters(&Mosquitto::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_max_attempts_a_message_is_dead_lettered_with_the_embedded_broker() {
+    dead_letters(&lps_testkit::embedded::Embedded::start().await).await;
+}
+
+async fn dead_letters(broker: &dyn lps_testkit::Broker) {
     let dead_port = lps_testkit::mosquitto::free_port();
     let target = format!("http://127.0.0.1:{dead_port}/ID_REQ_KC_STORE7D3BPACKET");
-    let (_collector, dead_letters) = harness::collect(&broker, "legacy_proxy/dead_letter").await;
-    let lp2 = harness::lp2(&broker, "proxy2-1", &target, &[("MAX_ATTEMPTS", "3")]).await;
-    let lp1 = harness::lp1(&broker, "proxy1-1", "proxy1/message", &[]).await;
+    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter").await;
+    let lp2 = harness::lp2(broker, "proxy2-1", &target, &[("MAX_ATTEMPTS", "3")]).await;
+    let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2, &lp1]).await;
     let ids: Vec<String> = (1..=5).map(|i| (900 + i).to_string()).collect();
     let statuses = harness::send(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"), ids, 5).await;

@@ -9,8 +9,8 @@ use lps_common::Registry;
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
 use lps_common::server::Protocols;
 use lps_common::upstream::{Upstream, UpstreamConfig, parse_targets};
+use lps_testkit::Broker;
 use lps_testkit::TestServer;
-use lps_testkit::mosquitto::Mosquitto;
 use rast_simulator::journal::{self, Journal};
 use rast_simulator::model::Model;
 use tokio::task::JoinHandle;
@@ -20,7 +20,7 @@ fn env_map(pairs: Vec<(String, String)>) -> HashMap<String, String> {
     pairs.into_iter().collect()
 }
 
-fn broker_env(broker: &Mosquitto) -> Vec<(String, String)> {
+fn broker_env(broker: &dyn Broker) -> Vec<(String, String)> {
     broker
         .env()
         .iter()
@@ -78,7 +78,7 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
 }
 
 /// legacy-proxy-1 `name` publishing to `topic`.
-pub async fn lp1(broker: &Mosquitto, name: &str, topic: &str, extra: &[(&str, &str)]) -> Running {
+pub async fn lp1(broker: &dyn Broker, name: &str, topic: &str, extra: &[(&str, &str)]) -> Running {
     let mut pairs = broker_env(broker);
     pairs.push(("SERVICE_NAME".into(), name.into()));
     pairs.push(("MQTT_TOPIC".into(), topic.into()));
@@ -103,7 +103,7 @@ pub async fn lp1(broker: &Mosquitto, name: &str, topic: &str, extra: &[(&str, &s
 }
 
 /// legacy-proxy-2 `name` forwarding to `target`.
-pub async fn lp2(broker: &Mosquitto, name: &str, target: &str, extra: &[(&str, &str)]) -> Running {
+pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, &str)]) -> Running {
     let mut pairs = broker_env(broker);
     pairs.push(("SERVICE_NAME".into(), name.into()));
     pairs.push(("TARGET_URL".into(), target.into()));
@@ -192,7 +192,7 @@ impl Simulator {
 
 /// A raw MQTT client collecting what arrives on `filter`.
 pub async fn collect(
-    broker: &Mosquitto,
+    broker: &dyn Broker,
     filter: &str,
 ) -> (
     MqttClient,
@@ -200,7 +200,7 @@ pub async fn collect(
 ) {
     let client = MqttClient::new(format!("collector-{}", lps_testkit::mosquitto::free_port()));
     client
-        .connect(&format!("mqtt://127.0.0.1:{}", broker.port))
+        .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
         .await
         .unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -222,10 +222,10 @@ pub async fn collect(
 }
 
 /// A raw MQTT publisher.
-pub async fn publisher(broker: &Mosquitto) -> MqttClient {
+pub async fn publisher(broker: &dyn Broker) -> MqttClient {
     let client = MqttClient::new(format!("publisher-{}", lps_testkit::mosquitto::free_port()));
     client
-        .connect(&format!("mqtt://127.0.0.1:{}", broker.port))
+        .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
         .await
         .unwrap();
     client

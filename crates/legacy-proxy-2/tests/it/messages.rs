@@ -18,18 +18,27 @@ fn qos2() -> PublishOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_payloads_are_dead_lettered_with_a_reason_and_the_bridge_keeps_working() {
-    let broker = Mosquitto::start().await;
+    poison(&Mosquitto::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_payloads_are_dead_lettered_with_a_reason_and_the_bridge_keeps_working_with_the_embedded_broker()
+ {
+    poison(&lps_testkit::embedded::Embedded::start().await).await;
+}
+
+async fn poison(broker: &dyn lps_testkit::Broker) {
     let sim = Simulator::start(Model::Zero).await;
-    let (_collector, dead_letters) = harness::collect(&broker, "legacy_proxy/dead_letter").await;
+    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter").await;
     let lp2 = harness::lp2(
-        &broker,
+        broker,
         "proxy2-1",
         &sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
         &[("MAX_PAYLOAD_BYTES", "1024")],
     )
     .await;
     harness::ready(&[&lp2]).await;
-    let publisher = harness::publisher(&broker).await;
+    let publisher = harness::publisher(broker).await;
     let huge = format!(
         r#"{{"id":"1","body":"{}","request_id":"5"}}"#,
         "x".repeat(2000)
