@@ -121,13 +121,12 @@ pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
     } else {
         Signal::SIGKILL
     };
-    let injector = tokio::spawn(faults::inject(
-        plan,
-        supervisor.clone(),
-        signal,
-        dir.join(records::FAULTS),
-        stop_faults.clone(),
-    ));
+    let injector = {
+        let target = supervisor.clone();
+        let log = dir.join(records::FAULTS);
+        let stop = stop_faults.clone();
+        tokio::spawn(async move { faults::inject(plan, &target, signal, log, stop).await })
+    };
 
     let load_start_us = records::now_us();
     let config = LoadConfig {

@@ -100,37 +100,65 @@ pub fn span(faults: &[Fault]) -> Duration {
         .unwrap_or_default()
 }
 
-/// Runs `faults` against the supervised services, logging each event to `log`.
-/// Services that are down when `stop` fires are started again at once.
+/// Something whose services can be stopped and started: the supervisor of this process,
+/// an `lps up` in another process (its control socket), or docker compose.
+pub trait Target {
+    /// Stops `service` (`signal` says how hard, where the target can choose).
+    fn stop(
+        &self,
+        service: &str,
+        signal: Signal,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Starts `service` again.
+    fn start(&self, service: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// How a stop is recorded, e.g. `SIGKILL` or `compose`.
+    fn how(&self, signal: Signal) -> String {
+        format!("{signal:?}")
+    }
+}
+
+impl Target for Arc<Mutex<Supervisor>> {
+    async fn stop(&self, service: &str, signal: Signal) -> anyhow::Result<()> {
+        self.lock()
+            .await
+            .stop(service, signal, Duration::from_secs(15))
+            .await
+    }
+
+    async fn start(&self, service: &str) -> anyhow::Result<()> {
+        self.lock().await.restart(service).await
+    }
+}
+
+/// Runs `faults` against `target`, logging each event to `log` (JSON lines, see
+/// [`FaultRecord`]). Services that are down when `stop` fires are started again at once.
 pub async fn inject(
     faults: Vec<Fault>,
-    supervisor: Arc<Mutex<Supervisor>>,
+    target: &impl Target,
     signal: Signal,
     log: std::path::PathBuf,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
-    let how = format!("{signal:?}");
+    let how = target.how(signal);
+    let record = |service: &str, action| -> anyhow::Result<()> {
+        let event = FaultRecord {
+            at_us: records::now_us(),
+            service: service.to_owned(),
+            action,
+            how: how.clone(),
+        };
+        records::append_jsonl(&log, &[event])?;
+        Ok(())
+    };
     for fault in faults {
         tokio::select! {
             () = tokio::time::sleep_until(started + fault.at) => {}
             () = stop.cancelled() => return Ok(()),
         }
         for service in &fault.services {
-            supervisor
-                .lock()
-                .await
-                .stop(service, signal, Duration::from_secs(15))
-                .await?;
-            records::append_jsonl(
-                &log,
-                &[FaultRecord {
-                    at_us: records::now_us(),
-                    service: service.clone(),
-                    action: FaultAction::Stop,
-                    how: how.clone(),
-                }],
-            )?;
+            target.stop(service, signal).await?;
+            record(service, FaultAction::Stop)?;
             eprintln!(
                 "fault: stopped {service} ({how}) for {:.1} s",
                 fault.down.as_secs_f64()
@@ -141,19 +169,168 @@ pub async fn inject(
             () = stop.cancelled() => {}
         }
         for service in &fault.services {
-            supervisor.lock().await.restart(service).await?;
-            records::append_jsonl(
-                &log,
-                &[FaultRecord {
-                    at_us: records::now_us(),
-                    service: service.clone(),
-                    action: FaultAction::Start,
-                    how: how.clone(),
-                }],
-            )?;
+            target.start(service).await?;
+            record(service, FaultAction::Start)?;
             eprintln!("fault: started {service} again");
         }
     }
+    Ok(())
+}
+
+/// `docker compose -f FILE stop|start SERVICE`.
+#[derive(Debug, Clone)]
+pub struct Compose {
+    /// The compose file.
+    pub file: std::path::PathBuf,
+}
+
+impl Compose {
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = tokio::process::Command::new("docker")
+            .arg("compose")
+            .arg("-f")
+            .arg(&self.file)
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| anyhow::anyhow!("running docker compose: {e}"))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "docker compose {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The services of the compose file.
+    pub async fn services(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .run(&["config", "--services"])
+            .await?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Target for Compose {
+    async fn stop(&self, service: &str, _signal: Signal) -> anyhow::Result<()> {
+        self.run(&["stop", service]).await.map(drop)
+    }
+
+    async fn start(&self, service: &str) -> anyhow::Result<()> {
+        self.run(&["start", service]).await.map(drop)
+    }
+
+    fn how(&self, _signal: Signal) -> String {
+        "compose".to_owned()
+    }
+}
+
+/// An `lps up` in another process, through its control socket (`<run>/control.sock`).
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// The socket.
+    pub socket: std::path::PathBuf,
+}
+
+impl Control {
+    /// Sends one command line and returns the answer line (an error when it starts with
+    /// `error`).
+    pub async fn call(&self, command: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "connecting to {} (is `lps up` running?): {e}",
+                    self.socket.display()
+                )
+            })?;
+        stream.write_all(format!("{command}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).await?;
+        let answer = answer.trim().to_owned();
+        if let Some(error) = answer.strip_prefix("error") {
+            anyhow::bail!("{command}: {}", error.trim_start_matches(':').trim());
+        }
+        Ok(answer)
+    }
+
+    /// The services the `lps up` runs.
+    pub async fn services(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .call("list")
+            .await?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Target for Control {
+    async fn stop(&self, service: &str, signal: Signal) -> anyhow::Result<()> {
+        self.call(&format!("stop {service} {signal:?}"))
+            .await
+            .map(drop)
+    }
+
+    async fn start(&self, service: &str) -> anyhow::Result<()> {
+        self.call(&format!("start {service}")).await.map(drop)
+    }
+}
+
+/// Serves the control socket of an `lps up`: `list`, `stop SERVICE SIGKILL|SIGTERM`,
+/// `start SERVICE`, one command per connection.
+pub async fn serve_control(
+    socket: std::path::PathBuf,
+    supervisor: Arc<Mutex<Supervisor>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| anyhow::anyhow!("control socket {}: {e}", socket.display()))?;
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = stop.cancelled() => break,
+        };
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let answer: anyhow::Result<String> = async {
+                match words.as_slice() {
+                    ["list"] => Ok(supervisor.lock().await.names().join(" ")),
+                    ["stop", service, signal] => {
+                        let signal = match *signal {
+                            "SIGKILL" => Signal::SIGKILL,
+                            "SIGTERM" => Signal::SIGTERM,
+                            other => anyhow::bail!("unknown signal {other}"),
+                        };
+                        Target::stop(&supervisor, service, signal)
+                            .await
+                            .map(|()| "ok".to_owned())
+                    }
+                    ["start", service] => Target::start(&supervisor, service)
+                        .await
+                        .map(|()| "ok".to_owned()),
+                    _ => anyhow::bail!("unknown command {:?}", line.trim()),
+                }
+            }
+            .await;
+            let reply = answer.unwrap_or_else(|e| format!("error: {e:#}"));
+            let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+            let _ = write.shutdown().await;
+        });
+    }
+    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

@@ -21,6 +21,9 @@ use anyhow::Context;
 use crate::supervisor::Supervisor;
 use crate::topology::{Broker, Options, Program, Topology};
 
+/// The control socket of an `lps up`, in its run folder (see [`faults::serve_control`]).
+pub const CONTROL_SOCKET: &str = "control.sock";
+
 /// The repository's Mosquitto configuration, compiled in for runs outside the repository.
 const MOSQUITTO_CONF: &str = include_str!("../../../mosquitto/mosquitto.conf");
 
@@ -147,7 +150,7 @@ pub async fn up(
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let dir = run_dir(out, topology)?;
-    let mut supervisor = start(topology, &options, &broker, &dir).await?;
+    let supervisor = start(topology, &options, &broker, &dir).await?;
     println!(
         "{topology} topology is up; logs in {}",
         supervisor.logs().display()
@@ -166,21 +169,40 @@ pub async fn up(
             entry.base_url()
         );
     }
+    let socket = dir.join(CONTROL_SOCKET);
+    println!(
+        "faults: lps fault --run {} --faults chain --scale 0.2",
+        dir.display()
+    );
     println!("press Ctrl-C to stop");
+    let logs = supervisor.logs().to_owned();
+    let supervisor = std::sync::Arc::new(tokio::sync::Mutex::new(supervisor));
     let stop = lps_common::server::shutdown_on_signals();
+    let control = tokio::spawn(faults::serve_control(
+        socket,
+        supervisor.clone(),
+        stop.clone(),
+    ));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
-                for (name, status) in supervisor.exited() {
-                    eprintln!("warning: {name} exited ({status}); see {}", supervisor.logs().display());
+                for (name, status) in supervisor.lock().await.exited() {
+                    eprintln!("warning: {name} exited ({status}); see {}", logs.display());
                 }
             }
         }
     }
     println!("stopping…");
-    supervisor.stop_all(Duration::from_secs(15)).await;
+    if let Ok(Err(e)) = control.await {
+        eprintln!("warning: {e:#}");
+    }
+    supervisor
+        .lock()
+        .await
+        .stop_all(Duration::from_secs(15))
+        .await;
     println!("stopped; logs in {}", dir.join("logs").display());
     Ok(())
 }

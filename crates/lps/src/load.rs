@@ -217,17 +217,8 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
         } => steps(&shared, step_users, step, pause, max_steps, &stop_sending).await,
     };
     stop_sending.cancel();
-    // Alarms in flight get a last chance to succeed.
-    let finishing = tokio::time::sleep(shared.config.finish_within);
-    tokio::pin!(finishing);
-    let tasks_done = async {
-        if let Some(bg) = background {
-            let _ = bg.await;
-        }
-    };
-    tokio::select! {
-        () = &mut finishing => {}
-        () = tasks_done => {}
+    if let Some(bg) = background {
+        let _ = bg.await;
     }
     shared.give_up.cancel();
     if let Some(p) = progress {
@@ -305,7 +296,8 @@ async fn progress(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// `n` closed-loop users until `deadline` or `stop`.
+/// `n` closed-loop users until `deadline` or `stop`; alarms still retrying get
+/// `finish_within` more.
 async fn users(
     shared: &Arc<Shared>,
     n: u32,
@@ -328,7 +320,24 @@ async fn users(
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline) => {}
+        () = stop.cancelled() => {}
+    }
+    finish(shared, tasks).await;
+}
+
+/// Waits for the alarms still in flight, at most `finish_within`; then they give up (and
+/// are recorded as failed).
+async fn finish(shared: &Shared, mut tasks: tokio::task::JoinSet<()>) {
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(shared.config.finish_within, all)
+        .await
+        .is_err()
+    {
+        shared.give_up.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
 }
 
 /// Performance steps; returns how many ran.
@@ -404,11 +413,7 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, stop: &CancellationToken) {
         n = n.wrapping_add(1);
         while tasks.try_join_next().is_some() {}
     }
-    let give_up = shared.give_up.clone();
-    tokio::select! {
-        () = async { while tasks.join_next().await.is_some() {} } => {}
-        () = give_up.cancelled() => {}
-    }
+    finish(shared, tasks).await;
 }
 
 fn alarm_body(user: u32) -> String {

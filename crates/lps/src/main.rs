@@ -169,6 +169,27 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Inject a fault schedule into a running `lps up` (--run) or a compose topology (--compose).
+    Fault {
+        /// The run folder of an `lps up` (its control socket); faults.jsonl goes there.
+        #[arg(long, required_unless_present = "compose", conflicts_with = "compose")]
+        run: Option<PathBuf>,
+        /// A compose file: services are stopped and started with `docker compose`.
+        #[arg(long)]
+        compose: Option<PathBuf>,
+        /// Fault schedule.
+        #[arg(long, value_enum, default_value = "chain")]
+        faults: Schedule,
+        /// Multiply every fault time by this (upstream's times: 1.0).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Stop services with SIGTERM (graceful) instead of SIGKILL (local mode).
+        #[arg(long)]
+        graceful: bool,
+        /// Folder for faults.jsonl in compose mode (default runs/<timestamp>-faults).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Analyze run folders (one per topology) into summary.json, CSV files and report.html.
     Analyze {
         /// Run folders.
@@ -351,6 +372,47 @@ fn main() -> ExitCode {
             };
             lps::experiment::demo(&template, &out).await?;
             Ok(())
+        }),
+        Command::Fault {
+            run,
+            compose,
+            faults,
+            scale,
+            graceful,
+            out,
+        } => block_on(async move {
+            let signal = if graceful {
+                lps::supervisor::Signal::SIGTERM
+            } else {
+                lps::supervisor::Signal::SIGKILL
+            };
+            let stop = lps_common::server::shutdown_on_signals();
+            if let Some(file) = compose {
+                let target = lps::faults::Compose { file };
+                let dir = out.unwrap_or_else(|| timestamped("faults"));
+                std::fs::create_dir_all(&dir)?;
+                let plan = lps::faults::plan(faults, &target.services().await?, scale);
+                eprintln!(
+                    "{} faults over {:.0} s",
+                    plan.len(),
+                    lps::faults::span(&plan).as_secs_f64()
+                );
+                lps::faults::inject(plan, &target, signal, dir.join(lps::records::FAULTS), stop)
+                    .await
+            } else {
+                let dir = run.unwrap_or_default();
+                let target = lps::faults::Control {
+                    socket: dir.join(lps::CONTROL_SOCKET),
+                };
+                let plan = lps::faults::plan(faults, &target.services().await?, scale);
+                eprintln!(
+                    "{} faults over {:.0} s",
+                    plan.len(),
+                    lps::faults::span(&plan).as_secs_f64()
+                );
+                lps::faults::inject(plan, &target, signal, dir.join(lps::records::FAULTS), stop)
+                    .await
+            }
         }),
         Command::Analyze { runs, out } => block_on(async move {
             let out = out.unwrap_or_else(|| runs[0].clone());

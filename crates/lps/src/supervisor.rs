@@ -185,6 +185,13 @@ impl Supervisor {
         }
     }
 
+    /// The names of every service, running or stopped by a fault.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.running.iter().map(|r| r.spec.name.clone()).collect();
+        names.extend(self.stopped.iter().map(|(_, spec)| spec.name.clone()));
+        names
+    }
+
     /// Services that exited on their own since the last call, with their status.
     pub fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
         self.running

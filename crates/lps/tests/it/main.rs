@@ -1,4 +1,5 @@
 //! `lps` as a real process.
 
 mod demo;
+mod load;
 mod up;

@@ -121,3 +121,76 @@ async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful:
         );
     }
 }
+
+#[tokio::test]
+async fn fault_stops_and_restarts_the_services_of_a_running_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
+        .args(["up", "legacy", "--ephemeral-ports", "--out"])
+        .arg(&run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut entry = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.trim_end().ends_with("entry") && entry.is_empty() {
+            entry = line.split_whitespace().nth(1).unwrap().to_owned();
+        }
+        if line.contains("press Ctrl-C") {
+            break;
+        }
+    }
+    let fault = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
+        .args(["fault", "--faults", "chain", "--scale", "0.02", "--run"])
+        .arg(&run)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        fault.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fault.stderr)
+    );
+    let log = std::fs::read_to_string(run.join("faults.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let order: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap(),
+                e["service"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "stop ars-comp-1-1",
+            "start ars-comp-1-1",
+            "stop ars-comp-2-1",
+            "start ars-comp-2-1",
+            "stop ars-comp-3",
+            "start ars-comp-3"
+        ]
+    );
+    assert!(events.iter().all(|e| e["how"] == "SIGKILL"));
+    // Everything is back: an alarm goes through the first chain again.
+    let response = http1_client()
+        .post(format!("{entry}/api/v1/simple"))
+        .body(r#"{"phone":"015142611148","branch":"2001","headnumber":"8023","triggertime":"2025-01-31T12:00:00Z"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert!(up.wait().await.unwrap().success());
+}
