@@ -243,6 +243,25 @@ fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
+/// Plans `schedule` for `services` and runs it against `target`, logging to `dir`.
+async fn run_faults(
+    schedule: Schedule,
+    scale: f64,
+    services: &[String],
+    target: &impl lps::faults::Target,
+    signal: lps::supervisor::Signal,
+    dir: &std::path::Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let plan = lps::faults::plan(schedule, services, scale);
+    eprintln!(
+        "{} faults over {:.0} s",
+        plan.len(),
+        lps::faults::span(&plan).as_secs_f64()
+    );
+    lps::faults::inject(plan, target, signal, dir.join(lps::records::FAULTS), stop).await
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -391,27 +410,15 @@ fn main() -> ExitCode {
                 let target = lps::faults::Compose { file };
                 let dir = out.unwrap_or_else(|| timestamped("faults"));
                 std::fs::create_dir_all(&dir)?;
-                let plan = lps::faults::plan(faults, &target.services().await?, scale);
-                eprintln!(
-                    "{} faults over {:.0} s",
-                    plan.len(),
-                    lps::faults::span(&plan).as_secs_f64()
-                );
-                lps::faults::inject(plan, &target, signal, dir.join(lps::records::FAULTS), stop)
-                    .await
+                let services = target.services().await?;
+                run_faults(faults, scale, &services, &target, signal, &dir, stop).await
             } else {
                 let dir = run.unwrap_or_default();
                 let target = lps::faults::Control {
                     socket: dir.join(lps::CONTROL_SOCKET),
                 };
-                let plan = lps::faults::plan(faults, &target.services().await?, scale);
-                eprintln!(
-                    "{} faults over {:.0} s",
-                    plan.len(),
-                    lps::faults::span(&plan).as_secs_f64()
-                );
-                lps::faults::inject(plan, &target, signal, dir.join(lps::records::FAULTS), stop)
-                    .await
+                let services = target.services().await?;
+                run_faults(faults, scale, &services, &target, signal, &dir, stop).await
             }
         }),
         Command::Analyze { runs, out } => block_on(async move {

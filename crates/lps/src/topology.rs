@@ -193,33 +193,55 @@ pub fn services(
     );
     sim.args.clone_from(&options.simulator_args);
     let mut specs = vec![sim];
+    // One tier of three replicas: `name-{1,2,3}` on compose ports `base + {1,2,3}`.
+    let tier = |specs: &mut Vec<ServiceSpec>,
+                ports: &mut Ports<'_>,
+                name: &str,
+                program,
+                base: u16,
+                env: &dyn Fn(&mut Ports<'_>, u16) -> Vec<(&'static str, String)>| {
+        for i in 1..=3u16 {
+            let (entry, health) = match program {
+                Program::ArsComp1 => (true, Health::Http("/healthz")),
+                Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http("/readyz")),
+                _ => (false, Health::Http("/healthz")),
+            };
+            let env = env(ports, i);
+            specs.push(spec(
+                format!("{name}-{i}"),
+                program,
+                ports.get(base + i),
+                env,
+                entry,
+                health,
+            ));
+        }
+    };
+    let relay_to = |hop: u16| {
+        move |ports: &mut Ports<'_>, i: u16| vec![("TARGET_URL", url(ports.get(hop + i)))]
+    };
     match topology {
         Topology::Legacy => {
-            for i in 1..=3u16 {
-                let env = vec![("TARGET_URL", url(sim_port))];
-                specs.push(spec(
-                    format!("ars-comp-2-{i}"),
-                    Program::ArsComp2,
-                    ports.get(8080 + i),
-                    env,
-                    false,
-                    Health::Http("/healthz"),
-                ));
-            }
-            for i in 1..=3u16 {
-                let env = vec![
-                    ("TARGET_URL", url(ports.get(8080 + i))),
-                    ("USE_HTTP_2", http2.clone()),
-                ];
-                specs.push(spec(
-                    format!("ars-comp-1-{i}"),
-                    Program::ArsComp1,
-                    ports.get(7080 + i),
-                    env,
-                    true,
-                    Health::Http("/healthz"),
-                ));
-            }
+            tier(
+                &mut specs,
+                &mut ports,
+                "ars-comp-2",
+                Program::ArsComp2,
+                8080,
+                &|_, _| vec![("TARGET_URL", url(sim_port))],
+            );
+            tier(
+                &mut specs,
+                &mut ports,
+                "ars-comp-1",
+                Program::ArsComp1,
+                7080,
+                &|ports, i| {
+                    let mut env = relay_to(8080)(ports, i);
+                    env.push(("USE_HTTP_2", http2.clone()));
+                    env
+                },
+            );
         }
         Topology::Ng => {
             let (mqtt_host, mqtt_port) = match broker {
@@ -256,64 +278,51 @@ pub fn services(
                 }
                 None => ("127.0.0.1".into(), ports.get(1883)),
             };
-            let mqtt = |extra: Vec<(&'static str, String)>| {
-                let mut env = vec![
-                    ("MQTT_HOST", mqtt_host.clone()),
-                    ("MQTT_PORT", mqtt_port.to_string()),
-                ];
-                env.extend(extra);
+            let mqtt = |mut env: Vec<(&'static str, String)>| {
+                env.push(("MQTT_HOST", mqtt_host.clone()));
+                env.push(("MQTT_PORT", mqtt_port.to_string()));
                 env
             };
-            for i in 1..=3u16 {
-                let env = vec![("TARGET_URL", url(sim_port))];
-                specs.push(spec(
-                    format!("ars-comp-2-{i}"),
-                    Program::ArsComp2,
-                    ports.get(9080 + i),
-                    env,
-                    false,
-                    Health::Http("/healthz"),
-                ));
-            }
-            for i in 1..=3u16 {
-                let env = mqtt(vec![
-                    ("TARGET_URL", url(ports.get(9080 + i))),
-                    ("USE_HTTP_2", http2.clone()),
-                ]);
-                specs.push(spec(
-                    format!("proxy2-{i}"),
-                    Program::LegacyProxy2,
-                    ports.get(9090 + i),
-                    env,
-                    false,
-                    Health::Http("/readyz"),
-                ));
-            }
-            for i in 1..=3u16 {
-                let env = mqtt(vec![("MQTT_TOPIC", format!("proxy{i}/message"))]);
-                specs.push(spec(
-                    format!("proxy1-{i}"),
-                    Program::LegacyProxy1,
-                    ports.get(8080 + i),
-                    env,
-                    false,
-                    Health::Http("/readyz"),
-                ));
-            }
-            for i in 1..=3u16 {
-                let env = vec![
-                    ("TARGET_URL", url(ports.get(8080 + i))),
-                    ("USE_HTTP_2", http2.clone()),
-                ];
-                specs.push(spec(
-                    format!("ars-comp-1-{i}"),
-                    Program::ArsComp1,
-                    ports.get(7080 + i),
-                    env,
-                    true,
-                    Health::Http("/healthz"),
-                ));
-            }
+            tier(
+                &mut specs,
+                &mut ports,
+                "ars-comp-2",
+                Program::ArsComp2,
+                9080,
+                &|_, _| vec![("TARGET_URL", url(sim_port))],
+            );
+            tier(
+                &mut specs,
+                &mut ports,
+                "proxy2",
+                Program::LegacyProxy2,
+                9090,
+                &|ports, i| {
+                    let mut env = mqtt(relay_to(9080)(ports, i));
+                    env.push(("USE_HTTP_2", http2.clone()));
+                    env
+                },
+            );
+            tier(
+                &mut specs,
+                &mut ports,
+                "proxy1",
+                Program::LegacyProxy1,
+                8080,
+                &|_, i| mqtt(vec![("MQTT_TOPIC", format!("proxy{i}/message"))]),
+            );
+            tier(
+                &mut specs,
+                &mut ports,
+                "ars-comp-1",
+                Program::ArsComp1,
+                7080,
+                &|ports, i| {
+                    let mut env = relay_to(8080)(ports, i);
+                    env.push(("USE_HTTP_2", http2.clone()));
+                    env
+                },
+            );
         }
     }
     specs
