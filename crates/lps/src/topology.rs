@@ -133,6 +133,9 @@ pub struct Options {
     pub http2: bool,
 }
 
+/// The environment of replica `i` of a tier.
+type TierEnv<'a> = dyn Fn(&mut Ports<'_>, u16) -> Vec<(&'static str, String)> + 'a;
+
 struct Ports<'a> {
     options: &'a Options,
     taken: std::collections::HashMap<u16, u16>,
@@ -199,7 +202,7 @@ pub fn services(
                 name: &str,
                 program,
                 base: u16,
-                env: &dyn Fn(&mut Ports<'_>, u16) -> Vec<(&'static str, String)>| {
+                env: &TierEnv<'_>| {
         for i in 1..=3u16 {
             let (entry, health) = match program {
                 Program::ArsComp1 => (true, Health::Http("/healthz")),
