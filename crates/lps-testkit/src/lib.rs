@@ -234,6 +234,46 @@ where
     }
 }
 
+/// A loopback port where connections are refused, reserved while this lives: the socket
+/// is bound but never listens, so no other test can take the port in the meantime.
+pub struct ClosedPort {
+    /// The port.
+    pub port: u16,
+    _socket: socket2::Socket,
+}
+
+impl ClosedPort {
+    /// Reserves a port on 127.0.0.1.
+    pub fn new() -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .expect("bound port");
+        Self {
+            port,
+            _socket: socket,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A service binary running as a child process.
 pub struct ChildService {
     /// Where it listens.

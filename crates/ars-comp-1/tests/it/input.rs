@@ -202,11 +202,8 @@ async fn bad_input_gets_a_json_4xx_naming_the_problem_and_the_service_keeps_serv
 
 #[tokio::test]
 async fn downstream_failures_are_reported_as_json_5xx() {
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let ac1 = entry(&format!("http://127.0.0.1:{dead}/x"), false).await;
+    let closed = lps_testkit::ClosedPort::new();
+    let ac1 = entry(&closed.url("/x"), false).await;
     let response = tokio::time::timeout(
         Duration::from_secs(10),
         http1_client()

@@ -12,12 +12,6 @@ use lps_common::server::Protocols;
 use lps_common::upstream::{Upstream, UpstreamConfig, UpstreamError, parse_targets};
 use lps_testkit::{Recorder, TestServer};
 
-/// A loopback port nobody listens on.
-fn dead_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 fn encode(registry: &Registry) -> String {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
@@ -34,7 +28,8 @@ async fn post(upstream: &Upstream) -> Result<StatusCode, UpstreamError> {
 async fn a_dead_target_in_the_list_is_skipped() {
     let recorder = Recorder::new();
     let live = TestServer::start(recorder.router()).await;
-    let targets = format!("http://127.0.0.1:{}/x,{}", dead_port(), live.url("/x"));
+    let closed = lps_testkit::ClosedPort::new();
+    let targets = format!("{},{}", closed.url("/x"), live.url("/x"));
     let config = UpstreamConfig::for_targets(parse_targets(&targets).unwrap());
     let mut registry = Registry::default();
     let upstream = Upstream::new(&config, &mut registry).unwrap();
@@ -54,7 +49,8 @@ async fn a_dead_target_in_the_list_is_skipped() {
 
 #[tokio::test]
 async fn a_refused_connection_fails_fast_as_unavailable() {
-    let targets = parse_targets(&format!("http://127.0.0.1:{}/x", dead_port())).unwrap();
+    let closed = lps_testkit::ClosedPort::new();
+    let targets = parse_targets(&closed.url("/x")).unwrap();
     let upstream = Upstream::new(
         &UpstreamConfig::for_targets(targets),
         &mut Registry::default(),
