@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the test suite (README.adoc's test command): installs what the tests need and a
+# machine with only the Rust toolchain lacks (Mosquitto, for the bridge tests), then
+# `cargo test --workspace`. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Mosquitto for the bridge tests. Debian bookworm ships 2.0.11, which ignores a client
+# Receive Maximum above 1; its backports suite has 2.0.21, so prefer that.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  step "installing mosquitto"
+  export DEBIAN_FRONTEND=noninteractive
+  # shellcheck source=/dev/null
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  if [ "$codename" = bookworm ]; then
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    if [ -z "$uri" ]; then
+      uri=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    fi
+    if [ -n "$uri" ]; then
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
+        | as_root tee /etc/apt/sources.list.d/lps-backports.sources >/dev/null
+    fi
+  fi
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq -t "${codename}-backports" mosquitto >/dev/null 2>&1 \
+    || as_root apt-get install -y -qq mosquitto >/dev/null
+fi
+echo "mosquitto: $( (mosquitto -h 2>/dev/null || /usr/sbin/mosquitto -h 2>/dev/null) | head -n 1)"
+
+step "cargo test --workspace"
+cargo test --workspace --locked "$@"
