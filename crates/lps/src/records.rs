@@ -142,11 +142,7 @@ pub fn now_us() -> u64 {
     epoch_us(SystemTime::now())
 }
 
-/// `at` in microseconds since the Unix epoch.
-pub fn epoch_us(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
+pub use rast_simulator::journal::epoch_us;
 
 /// Reads a JSON-lines file; a missing file is empty.
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
