@@ -233,18 +233,6 @@ pub fn services(
                 8080,
                 &|_, _| vec![("TARGET_URL", url(sim_port))],
             );
-            tier(
-                &mut specs,
-                &mut ports,
-                "ars-comp-1",
-                Program::ArsComp1,
-                7080,
-                &|ports, i| {
-                    let mut env = relay_to(8080)(ports, i);
-                    env.push(("USE_HTTP_2", http2.clone()));
-                    env
-                },
-            );
         }
         Topology::Ng => {
             let (mqtt_host, mqtt_port) = match broker {
@@ -314,20 +302,22 @@ pub fn services(
                 8080,
                 &|_, i| mqtt(vec![("MQTT_TOPIC", format!("proxy{i}/message"))]),
             );
-            tier(
-                &mut specs,
-                &mut ports,
-                "ars-comp-1",
-                Program::ArsComp1,
-                7080,
-                &|ports, i| {
-                    let mut env = relay_to(8080)(ports, i);
-                    env.push(("USE_HTTP_2", http2.clone()));
-                    env
-                },
-            );
         }
     }
+    // Both topologies end in the entry tier, each replica in front of port 8080 + i
+    // (ars-comp-2 in the baseline, legacy-proxy-1 in NG).
+    tier(
+        &mut specs,
+        &mut ports,
+        "ars-comp-1",
+        Program::ArsComp1,
+        7080,
+        &|ports, i| {
+            let mut env = relay_to(8080)(ports, i);
+            env.push(("USE_HTTP_2", http2.clone()));
+            env
+        },
+    );
     specs
 }
 
