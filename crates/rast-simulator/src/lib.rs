@@ -361,6 +361,9 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::Parser;
+    if let Some(code) = service::healthcheck_if_requested(1337) {
+        return code;
+    }
     let args = Args::parse_from(args);
     let config = Config::new(&lps_common::config::ProcessEnv, &args)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
