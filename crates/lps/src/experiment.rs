@@ -1,10 +1,25 @@
 //! `lps experiment` and `lps demo`: a topology, load (and faults), drain, stop, analysis,
 //! all into one run folder.
 //!
-//! An experiment starts the topology on free ports (so it never collides with an `lps up`),
-//! scrapes the legacy-proxy-2 counters every second (NG), runs the load and the fault
-//! schedule side by side, then waits until every acknowledged alarm has arrived at the
-//! simulator (the drain, measured by ids) or a timeout, stops everything and analyzes.
+//! The topology runs on a [`Platform`]:
+//!
+//! - **local** (default): the services as processes on free ports (so an experiment never
+//!   collides with an `lps up`), faults by signals, the legacy-proxy-2 counters scraped
+//!   every second (NG);
+//! - **compose**: a compose file (`docker-compose-legacy.yml`, `docker-compose-ng.yml`)
+//!   brought up with `LPS_LOGS=<run>/logs <compose> -f FILE up -d --build` (after
+//!   `down -v` for a clean start; `LPS_UID`/`LPS_GID` default to this user, so the
+//!   containers can write the bind-mounted logs folder), ready once the entry services
+//!   (127.0.0.1:7081-7083) and the simulator (127.0.0.1:8084) answer `/healthz`; faults
+//!   by `<compose> stop|start SERVICE`; `down` at the end unless kept up. The containers
+//!   log into `<run>/logs` through the bind mount, so the simulator's ledger lands where
+//!   the drain and the analysis read it. The legacy-proxy-2 counters are scraped on their
+//!   host ports 9091-9093 when the compose file publishes them; otherwise `run.json`
+//!   notes that they were not (and the per-instance figures stay empty).
+//!
+//! Then, the same on both: load and fault schedule side by side, wait until every
+//! acknowledged alarm has arrived at the simulator (the drain, measured by ids) or a
+//! timeout, stop the topology, write `run.json`.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,21 +30,46 @@ use anyhow::Context;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::faults::{self, Schedule};
+use crate::faults::{self, Compose, Schedule, Target};
 use crate::load::{self, LoadConfig, Shape};
 use crate::records::{self, BridgeSample, ClientRecord, FinalStatus, RequestKind, RunInfo};
-use crate::supervisor::Signal;
-use crate::topology::{Options, Program, Topology};
+use crate::supervisor::{Signal, Supervisor};
+use crate::topology::{self, Broker, Options, Program, ServiceSpec, Topology};
 use crate::{BrokerChoice, start};
+
+/// Where the topology of an experiment runs.
+#[derive(Debug, Clone)]
+pub enum Platform {
+    /// Local processes on free ports (the experiment's `broker` and `options` apply).
+    Local,
+    /// A compose topology on the compose host ports.
+    Compose(ComposeSetup),
+}
+
+/// How to run a compose topology.
+#[derive(Debug, Clone)]
+pub struct ComposeSetup {
+    /// The compose command and file.
+    pub compose: Compose,
+    /// Clean start: `down -v` before `up` (containers, networks and volumes of a previous
+    /// run go, the broker's persisted queue with them).
+    pub clean: bool,
+    /// Leave the topology running after the run (no `down`).
+    pub keep_up: bool,
+    /// How long to wait for the entry services and the simulator after `up`.
+    pub ready_timeout: Duration,
+}
 
 /// One experiment.
 #[derive(Debug, Clone)]
 pub struct Experiment {
     /// Which topology.
     pub topology: Topology,
-    /// NG broker.
+    /// Where it runs.
+    pub platform: Platform,
+    /// NG broker (local platform).
     pub broker: BrokerChoice,
-    /// Topology options (ports, simulator model, h2c).
+    /// Topology options (simulator model, h2c); the load uses `http2` on both platforms.
     pub options: Options,
     /// Alarm load shape.
     pub shape: Shape,
@@ -41,7 +81,7 @@ pub struct Experiment {
     pub faults: Schedule,
     /// Fault time scale (1.0: upstream's times).
     pub scale: f64,
-    /// SIGTERM instead of SIGKILL for faults.
+    /// SIGTERM instead of SIGKILL for faults (local platform).
     pub graceful: bool,
     /// How long to wait for the backlog to drain after the load.
     pub drain_timeout: Duration,
@@ -49,45 +89,149 @@ pub struct Experiment {
     pub out: PathBuf,
 }
 
-/// Runs `experiment`; returns its run folder.
-pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
-    let dir = experiment.out.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    eprintln!(
-        "== {} experiment, run folder {}",
-        experiment.topology,
-        dir.display()
-    );
+/// What the load, the faults and the drain need from a started topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Every service name (what fault schedules pick from).
+    pub names: Vec<String>,
+    /// Entry base URLs in rotation order.
+    pub entries: Vec<String>,
+    /// The simulator's base URL (background load, readiness).
+    pub simulator: String,
+    /// legacy-proxy-2 instances and their `/metrics` URLs (empty: not scraped).
+    pub bridges: Vec<(String, String)>,
+}
+
+impl Endpoints {
+    /// The endpoints of `specs`, each at `http://127.0.0.1:<port>`.
+    fn of<'a>(specs: impl IntoIterator<Item = &'a ServiceSpec>) -> anyhow::Result<Self> {
+        let specs: Vec<&ServiceSpec> = specs.into_iter().collect();
+        let base = |s: &ServiceSpec| format!("http://127.0.0.1:{}", s.port);
+        Ok(Self {
+            names: specs.iter().map(|s| s.name.clone()).collect(),
+            entries: specs.iter().filter(|s| s.entry).map(|s| base(s)).collect(),
+            simulator: specs
+                .iter()
+                .find(|s| s.program == Program::RastSimulator)
+                .map(|s| base(s))
+                .context("no simulator")?,
+            bridges: specs
+                .iter()
+                .filter(|s| s.program == Program::LegacyProxy2)
+                .map(|s| (s.name.clone(), format!("{}/metrics", base(s))))
+                .collect(),
+        })
+    }
+
+    /// The endpoints of a compose topology on the host: SPEC §5 service names, entries on
+    /// 7081-7083, the simulator on 8084, legacy-proxy-2 admin ports 9091-9093 (the local
+    /// topology's compose ports, which mirror the compose files).
+    pub fn compose(topology: Topology) -> Self {
+        let broker = Broker::Mosquitto {
+            config: PathBuf::new(),
+        };
+        let specs = topology::services(topology, &Options::default(), Some(&broker));
+        Self::of(&specs).expect("every topology has a simulator")
+    }
+}
+
+/// What must answer `/healthz` before a compose topology counts as up: the entry services
+/// and the simulator, on the host ports.
+pub fn compose_health(topology: Topology) -> Vec<(String, String)> {
+    topology::services(topology, &Options::default(), None)
+        .into_iter()
+        .filter(|s| s.entry || s.program == Program::RastSimulator)
+        .map(|s| (s.name, format!("http://127.0.0.1:{}/healthz", s.port)))
+        .collect()
+}
+
+/// Why a compose run has no per-instance figures.
+pub const COMPOSE_NO_BRIDGE_METRICS: &str = "bridge metrics not scraped: no legacy-proxy-2 \
+    answered /metrics on its host port (9091-9093 not published by the compose file?), so \
+    the per-instance figures are empty";
+
+/// A started topology: its endpoints and how to fault and stop it.
+struct Deployed {
+    endpoints: Endpoints,
+    /// The broker that ran (NG), for `run.json`.
+    broker: Option<String>,
+    /// `local` or `compose FILE`, for `run.json`.
+    platform: String,
+    /// What this run does not measure, and why.
+    notes: Vec<String>,
+    target: Deployment,
+}
+
+/// The running topology, as a fault target.
+enum Deployment {
+    Local(Arc<Mutex<Supervisor>>),
+    Compose(ComposeSetup),
+}
+
+impl Target for Deployment {
+    async fn stop(&self, service: &str, signal: Signal) -> anyhow::Result<()> {
+        match self {
+            Self::Local(supervisor) => Target::stop(supervisor, service, signal).await,
+            Self::Compose(setup) => setup.compose.stop(service, signal).await,
+        }
+    }
+
+    async fn start(&self, service: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Local(supervisor) => Target::start(supervisor, service).await,
+            Self::Compose(setup) => setup.compose.start(service).await,
+        }
+    }
+
+    fn how(&self, signal: Signal) -> String {
+        match self {
+            Self::Local(supervisor) => supervisor.how(signal),
+            Self::Compose(setup) => setup.compose.how(signal),
+        }
+    }
+}
+
+impl Deployment {
+    /// Stops the topology (a compose topology only unless it is to be kept up).
+    async fn shut_down(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Local(supervisor) => {
+                supervisor
+                    .lock()
+                    .await
+                    .stop_all(Duration::from_secs(15))
+                    .await;
+                Ok(())
+            }
+            Self::Compose(setup) if setup.keep_up => {
+                eprintln!(
+                    "keeping the topology up; stop it with: {}",
+                    setup.compose.display(&["down"])
+                );
+                Ok(())
+            }
+            Self::Compose(setup) => setup.compose.run_visible(&["down"]).await,
+        }
+    }
+}
+
+/// Starts the topology of `experiment` with its logs in `dir/logs`.
+async fn deploy(experiment: &Experiment, dir: &Path) -> anyhow::Result<Deployed> {
+    match &experiment.platform {
+        Platform::Local => deploy_local(experiment, dir).await,
+        Platform::Compose(setup) => deploy_compose(experiment.topology, setup, dir).await,
+    }
+}
+
+async fn deploy_local(experiment: &Experiment, dir: &Path) -> anyhow::Result<Deployed> {
     let supervisor = start(
         experiment.topology,
         &experiment.options,
         &experiment.broker,
-        &dir,
+        dir,
     )
     .await?;
-    let names: Vec<String> = supervisor
-        .running()
-        .iter()
-        .map(|r| r.spec.name.clone())
-        .collect();
-    let entries: Vec<String> = supervisor
-        .running()
-        .iter()
-        .filter(|r| r.spec.entry)
-        .map(|r| r.base_url())
-        .collect();
-    let simulator = supervisor
-        .running()
-        .iter()
-        .find(|r| r.spec.program == Program::RastSimulator)
-        .map(|r| r.base_url())
-        .context("no simulator")?;
-    let bridges: Vec<(String, String)> = supervisor
-        .running()
-        .iter()
-        .filter(|r| r.spec.program == Program::LegacyProxy2)
-        .map(|r| (r.spec.name.clone(), format!("{}/metrics", r.base_url())))
-        .collect();
+    let endpoints = Endpoints::of(supervisor.running().iter().map(|r| &r.spec))?;
     let broker = supervisor
         .running()
         .iter()
@@ -106,36 +250,254 @@ pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
             }
             _ => None,
         });
-    let supervisor = Arc::new(Mutex::new(supervisor));
+    Ok(Deployed {
+        endpoints,
+        broker,
+        platform: "local".to_owned(),
+        notes: Vec::new(),
+        target: Deployment::Local(Arc::new(Mutex::new(supervisor))),
+    })
+}
 
+async fn deploy_compose(
+    topology: Topology,
+    setup: &ComposeSetup,
+    dir: &Path,
+) -> anyhow::Result<Deployed> {
+    let logs = dir.join("logs");
+    // Created here, not by the engine (which would make it root's).
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let logs =
+        std::fs::canonicalize(&logs).with_context(|| format!("resolving {}", logs.display()))?;
+    let mut setup = setup.clone();
+    setup.compose = setup
+        .compose
+        .with_env("LPS_LOGS", logs.display().to_string());
+    // The containers write the logs folder as LPS_UID:LPS_GID (default 1000): this user,
+    // unless the caller chose.
+    for (key, id) in [
+        ("LPS_UID", nix::unistd::getuid().as_raw()),
+        ("LPS_GID", nix::unistd::getgid().as_raw()),
+    ] {
+        if std::env::var_os(key).is_none() {
+            setup.compose = setup.compose.with_env(key, id.to_string());
+        }
+    }
+    let compose = &setup.compose;
+    compose.check().await?;
+    let mut endpoints = Endpoints::compose(topology);
+    let declared = compose.services().await?;
+    let missing: Vec<&String> = endpoints
+        .names
+        .iter()
+        .filter(|n| !declared.contains(n))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} lacks the {topology} services {missing:?} (it declares {declared:?})",
+        compose.file.display()
+    );
+    if setup.clean {
+        compose
+            .run_visible(&["down", "-v", "--remove-orphans"])
+            .await?;
+    }
+    let target = Deployment::Compose(setup.clone());
+    let ready = async {
+        compose.run_visible(&["up", "-d", "--build"]).await?;
+        wait_ready(&compose_health(topology), setup.ready_timeout).await
+    };
+    if let Err(e) = ready.await {
+        if let Err(down) = target.shut_down().await {
+            eprintln!("warning: {down:#}");
+        }
+        return Err(e.context(format!(
+            "starting {}; see {} and `{}`",
+            compose.file.display(),
+            logs.display(),
+            compose.display(&["ps"])
+        )));
+    }
+    let mut notes = Vec::new();
+    if !endpoints.bridges.is_empty() && !any_answers(&endpoints.bridges).await {
+        eprintln!("note: {COMPOSE_NO_BRIDGE_METRICS}");
+        notes.push(COMPOSE_NO_BRIDGE_METRICS.to_owned());
+        endpoints.bridges.clear();
+    }
+    Ok(Deployed {
+        endpoints,
+        broker: (topology == Topology::Ng).then(|| "mosquitto".to_owned()),
+        platform: format!("compose {}", compose.file.display()),
+        notes,
+        target,
+    })
+}
+
+/// Whether any of the `(name, url)` answers 2xx within 15 s (a legacy-proxy-2 answers
+/// once it is up, before it is subscribed).
+async fn any_answers(urls: &[(String, String)]) -> bool {
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        for (_, url) in urls {
+            if client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return true;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until every `(name, url)` answers 2xx, printing who is still missing every 5 s.
+async fn wait_ready(health: &[(String, String)], timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let started = tokio::time::Instant::now();
+    let mut next_report = started + Duration::from_secs(5);
+    eprintln!(
+        "waiting up to {:.0} s for {}",
+        timeout.as_secs_f64(),
+        health
+            .iter()
+            .map(|(n, u)| format!("{n} ({u})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    loop {
+        let mut waiting = Vec::new();
+        for (name, url) in health {
+            let why = match client.get(url).send().await {
+                Ok(r) if r.status().is_success() => continue,
+                Ok(r) => r.status().to_string(),
+                Err(e) if e.is_connect() => "no connection".to_owned(),
+                Err(e) if e.is_timeout() => "timed out".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            waiting.push(format!("{name} ({why})"));
+        }
+        if waiting.is_empty() {
+            eprintln!(
+                "ready after {:.0} s",
+                started.elapsed().as_secs_f64().ceil()
+            );
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        anyhow::ensure!(
+            now < started + timeout,
+            "not ready within {:.0} s: {}",
+            timeout.as_secs_f64(),
+            waiting.join(", ")
+        );
+        if now >= next_report {
+            eprintln!(
+                "  {:.0} s: waiting for {}",
+                started.elapsed().as_secs_f64(),
+                waiting.join(", ")
+            );
+            next_report = now + Duration::from_secs(5);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs `experiment`; returns its run folder.
+pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
+    let dir = experiment.out.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let on = match &experiment.platform {
+        Platform::Local => "local processes".to_owned(),
+        Platform::Compose(setup) => setup.compose.file.display().to_string(),
+    };
+    eprintln!(
+        "== {} experiment on {on}, run folder {}",
+        experiment.topology,
+        dir.display()
+    );
+    let deployed = deploy(experiment, &dir).await?;
+    let window = drive(experiment, &deployed, &dir).await;
+    let stopped = deployed.target.shut_down().await;
+    let (load_start_us, load_end_us, drained_us) = window?;
+    if let Err(e) = stopped {
+        eprintln!("warning: stopping the topology: {e:#}");
+    }
+    let info = RunInfo {
+        topology: experiment.topology.to_string(),
+        broker: deployed.broker,
+        load: describe(&experiment.shape, experiment.duration),
+        load_start_us,
+        load_end_us,
+        drained_us,
+        platform: Some(deployed.platform),
+        notes: deployed.notes,
+    };
+    std::fs::write(
+        dir.join(records::RUN_INFO),
+        serde_json::to_vec_pretty(&info)?,
+    )?;
+    Ok(dir)
+}
+
+/// Load, faults, bridge scraping and the drain on a started topology; returns the load
+/// start, the load end and when it drained.
+async fn drive(
+    experiment: &Experiment,
+    deployed: &Deployed,
+    dir: &Path,
+) -> anyhow::Result<(u64, u64, Option<u64>)> {
+    let endpoints = &deployed.endpoints;
     let stop_scraper = CancellationToken::new();
     let scraper = tokio::spawn(scrape_bridges(
-        bridges,
+        endpoints.bridges.clone(),
         dir.join(records::BRIDGE_METRICS),
         stop_scraper.clone(),
     ));
-    let plan = faults::plan(experiment.faults, &names, experiment.scale);
+    let plan = faults::plan(experiment.faults, &endpoints.names, experiment.scale);
+    if !plan.is_empty() {
+        eprintln!(
+            "{} faults over {:.0} s",
+            plan.len(),
+            faults::span(&plan).as_secs_f64()
+        );
+    }
     let stop_faults = CancellationToken::new();
     let signal = if experiment.graceful {
         Signal::SIGTERM
     } else {
         Signal::SIGKILL
     };
-    let injector = {
-        let target = supervisor.clone();
-        let log = dir.join(records::FAULTS);
-        let stop = stop_faults.clone();
-        tokio::spawn(async move { faults::inject(plan, &target, signal, log, stop).await })
-    };
+    let injector = faults::inject(
+        plan,
+        &deployed.target,
+        signal,
+        dir.join(records::FAULTS),
+        stop_faults.clone(),
+    );
 
     let load_start_us = records::now_us();
     let config = LoadConfig {
-        entries,
+        entries: endpoints.entries.clone(),
         shape: experiment.shape.clone(),
         duration: experiment.duration,
         wait: Duration::from_secs(1),
         http2: experiment.options.http2,
-        background: (experiment.background_users > 0).then_some(simulator),
+        background: (experiment.background_users > 0).then(|| endpoints.simulator.clone()),
         background_users: experiment.background_users,
         finish_within: Duration::from_secs(60).max(experiment.drain_timeout),
         ledger: dir.join(records::CLIENT_LEDGER),
@@ -143,37 +505,23 @@ pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
     };
     // The faults run to the end of their schedule; alarms retry until they succeed, so the
     // load finishes once every service is back.
-    let report = load::run(config, CancellationToken::new()).await;
-    stop_faults.cancel();
-    let injected = injector.await;
+    let load = async {
+        let report = load::run(config, CancellationToken::new()).await;
+        stop_faults.cancel();
+        report
+    };
+    let (report, injected) = tokio::join!(load, injector);
     let load_end_us = records::now_us();
+    if let Err(e) = injected {
+        eprintln!("warning: fault injection failed: {e:#}");
+    }
     let report = report?;
     eprintln!("{}", report.table());
 
-    let drained_us = drain(&dir, experiment.drain_timeout).await?;
+    let drained_us = drain(dir, experiment.drain_timeout).await;
     stop_scraper.cancel();
     let _ = scraper.await;
-    supervisor
-        .lock()
-        .await
-        .stop_all(Duration::from_secs(15))
-        .await;
-    if let Ok(Err(e)) | Err(e) = injected.map_err(anyhow::Error::from) {
-        eprintln!("warning: fault injection failed: {e:#}");
-    }
-    let info = RunInfo {
-        topology: experiment.topology.to_string(),
-        broker,
-        load: describe(&experiment.shape, experiment.duration),
-        load_start_us,
-        load_end_us,
-        drained_us,
-    };
-    std::fs::write(
-        dir.join(records::RUN_INFO),
-        serde_json::to_vec_pretty(&info)?,
-    )?;
-    Ok(dir)
+    Ok((load_start_us, load_end_us, drained_us?))
 }
 
 fn describe(shape: &Shape, duration: Duration) -> String {
@@ -291,4 +639,79 @@ pub async fn demo(template: &Experiment, out: &Path) -> anyhow::Result<PathBuf> 
     let report = out.join("report.html");
     println!("report: {}", report.display());
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compose_endpoints_are_the_spec_names_on_the_host_ports() {
+        let legacy = Endpoints::compose(Topology::Legacy);
+        assert_eq!(
+            legacy.names,
+            [
+                "ars-comp-3",
+                "ars-comp-2-1",
+                "ars-comp-2-2",
+                "ars-comp-2-3",
+                "ars-comp-1-1",
+                "ars-comp-1-2",
+                "ars-comp-1-3"
+            ]
+        );
+        assert_eq!(
+            legacy.entries,
+            [
+                "http://127.0.0.1:7081",
+                "http://127.0.0.1:7082",
+                "http://127.0.0.1:7083"
+            ]
+        );
+        assert_eq!(legacy.simulator, "http://127.0.0.1:8084");
+
+        let ng = Endpoints::compose(Topology::Ng);
+        for name in ["mosquitto", "proxy1-3", "proxy2-1", "ars-comp-2-2"] {
+            assert!(ng.names.iter().any(|n| n == name), "{name}: {:?}", ng.names);
+        }
+        assert_eq!(ng.entries, legacy.entries);
+        assert_eq!(ng.simulator, legacy.simulator);
+        assert_eq!(
+            ng.bridges,
+            [1, 2, 3].map(|i| (
+                format!("proxy2-{i}"),
+                format!("http://127.0.0.1:909{i}/metrics")
+            ))
+        );
+        assert!(legacy.bridges.is_empty());
+        // The chain schedule finds every hop it stops among the compose services.
+        let chain: Vec<String> = faults::plan(Schedule::Chain, &ng.names, 1.0)
+            .into_iter()
+            .flat_map(|f| f.services)
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                "ars-comp-1-1",
+                "proxy1-1",
+                "proxy2-1",
+                "ars-comp-2-1",
+                "ars-comp-3"
+            ]
+        );
+    }
+
+    #[test]
+    fn compose_readiness_waits_for_the_entries_and_the_simulator() {
+        assert_eq!(
+            compose_health(Topology::Ng),
+            [
+                ("ars-comp-3", "http://127.0.0.1:8084/healthz"),
+                ("ars-comp-1-1", "http://127.0.0.1:7081/healthz"),
+                ("ars-comp-1-2", "http://127.0.0.1:7082/healthz"),
+                ("ars-comp-1-3", "http://127.0.0.1:7083/healthz"),
+            ]
+            .map(|(n, u)| (n.to_owned(), u.to_owned()))
+        );
+    }
 }

@@ -8,6 +8,11 @@
 //! - `all`: `entry`, then `chain`.
 //!
 //! Every time is multiplied by a scale factor so that a schedule fits a short run.
+//!
+//! Targets: the supervisor of this process (signals), an `lps up` in another process (its
+//! control socket), or a compose topology ([`Compose`]: `<command> -f FILE stop|start`,
+//! where the command is `docker compose`, or `docker-compose` through `--compose-command`
+//! or `LPS_COMPOSE`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,30 +182,143 @@ pub async fn inject(
     Ok(())
 }
 
-/// `docker compose -f FILE stop|start SERVICE`.
+/// The compose command used unless told otherwise (`--compose-command`, `LPS_COMPOSE`).
+pub const DEFAULT_COMPOSE_COMMAND: &str = "docker compose";
+
+/// A compose command on one compose file: `<command> -f FILE stop|start SERVICE` for
+/// faults, `up`/`down` for `lps experiment --compose`.
 #[derive(Debug, Clone)]
 pub struct Compose {
+    /// The program and its leading arguments: `["docker", "compose"]` or
+    /// `["docker-compose"]`.
+    pub command: Vec<String>,
     /// The compose file.
     pub file: std::path::PathBuf,
+    /// Environment for every invocation, e.g. `LPS_LOGS` (where the containers log).
+    pub env: Vec<(String, String)>,
 }
 
 impl Compose {
-    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = tokio::process::Command::new("docker")
-            .arg("compose")
-            .arg("-f")
-            .arg(&self.file)
-            .args(args)
+    /// `command` is split at whitespace (`"docker compose"`, `"docker-compose"`).
+    pub fn new(command: &str, file: std::path::PathBuf) -> anyhow::Result<Self> {
+        let command: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+        anyhow::ensure!(
+            !command.is_empty(),
+            "the compose command is empty; expected \"docker compose\" or docker-compose"
+        );
+        Ok(Self {
+            command,
+            file,
+            env: Vec::new(),
+        })
+    }
+
+    /// Sets `key=value` in the environment of every invocation.
+    #[must_use]
+    pub fn with_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// The command line for `args` on the file: `docker compose -f FILE ARGS...`.
+    pub fn command_line(&self, args: &[&str]) -> Vec<String> {
+        let mut line = self.command.clone();
+        line.push("-f".to_owned());
+        line.push(self.file.display().to_string());
+        line.extend(args.iter().map(|a| (*a).to_owned()));
+        line
+    }
+
+    /// The command line for `args` as one string, for messages (with the environment).
+    pub fn display(&self, args: &[&str]) -> String {
+        let env = self.env.iter().map(|(k, v)| format!("{k}={v} "));
+        env.chain(std::iter::once(self.command_line(args).join(" ")))
+            .collect()
+    }
+
+    /// What to say when the compose command cannot be run.
+    fn not_found(&self, detail: &str) -> anyhow::Error {
+        let command = self.command.join(" ");
+        let hint = if command == DEFAULT_COMPOSE_COMMAND {
+            "install Docker or pass --compose-command docker-compose".to_owned()
+        } else {
+            format!("install it or pass --compose-command \"{DEFAULT_COMPOSE_COMMAND}\"")
+        };
+        anyhow::anyhow!("{command} not found; {hint} ({detail})")
+    }
+
+    fn process(&self, line: &[String]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&line[0]);
+        command
+            .args(&line[1..])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn output(&self, line: &[String]) -> anyhow::Result<std::process::Output> {
+        self.process(line)
             .output()
             .await
-            .map_err(|e| anyhow::anyhow!("running docker compose: {e}"))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => self.not_found(&e.to_string()),
+                _ => anyhow::anyhow!("running {}: {e}", line.join(" ")),
+            })
+    }
+
+    /// Runs `args`, returns its standard output; an error carries its standard error.
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.output(&self.command_line(args)).await?;
         anyhow::ensure!(
             output.status.success(),
-            "docker compose {} failed: {}",
-            args.join(" "),
+            "{} failed ({}): {}",
+            self.display(args),
+            output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `args` with its output on this process's terminal (pulls and builds take a
+    /// while and say so), after printing the command line.
+    pub async fn run_visible(&self, args: &[&str]) -> anyhow::Result<()> {
+        let line = self.command_line(args);
+        eprintln!("$ {}", self.display(args));
+        let status = self
+            .process(&line)
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::inherit())
+            .status()
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => self.not_found(&e.to_string()),
+                _ => anyhow::anyhow!("running {}: {e}", line.join(" ")),
+            })?;
+        anyhow::ensure!(
+            status.success(),
+            "{} failed ({status}); its output is above",
+            self.display(args)
+        );
+        Ok(())
+    }
+
+    /// Checks that the compose command runs (`<command> version`) and the file exists.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        let mut line = self.command.clone();
+        line.push("version".to_owned());
+        let output = self.output(&line).await?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let detail = stderr.lines().next().unwrap_or_default().trim();
+            return Err(self.not_found(&format!("`{}`: {detail}", line.join(" "))));
+        }
+        anyhow::ensure!(
+            self.file.is_file(),
+            "compose file {} not found",
+            self.file.display()
+        );
+        Ok(())
     }
 
     /// The services of the compose file.
@@ -382,5 +500,59 @@ mod tests {
             ["ars-comp-1-1", "ars-comp-2-1", "ars-comp-3"]
         );
         assert!(plan(Schedule::None, &ng, 1.0).is_empty());
+    }
+
+    #[test]
+    fn compose_command_lines_carry_the_command_the_file_and_the_environment() {
+        let compose = Compose::new("docker  compose", "/repo/docker-compose-ng.yml".into())
+            .unwrap()
+            .with_env("LPS_LOGS", "/runs/1/logs");
+        assert_eq!(
+            compose.command_line(&["stop", "proxy2-1"]),
+            [
+                "docker",
+                "compose",
+                "-f",
+                "/repo/docker-compose-ng.yml",
+                "stop",
+                "proxy2-1"
+            ]
+        );
+        assert_eq!(
+            compose.display(&["up", "-d"]),
+            "LPS_LOGS=/runs/1/logs docker compose -f /repo/docker-compose-ng.yml up -d"
+        );
+        let v1 = Compose::new("docker-compose", "c.yml".into()).unwrap();
+        assert_eq!(
+            v1.command_line(&["down"]),
+            ["docker-compose", "-f", "c.yml", "down"]
+        );
+        assert!(Compose::new("  ", "c.yml".into()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_missing_compose_command_says_what_to_install_or_pass() {
+        let compose = Compose::new("lps-test-no-such-compose", "c.yml".into()).unwrap();
+        let error = format!("{:#}", compose.check().await.unwrap_err());
+        assert!(
+            error.starts_with("lps-test-no-such-compose not found; install it or pass --compose-command \"docker compose\""),
+            "{error}"
+        );
+        let error = format!(
+            "{:#}",
+            Target::stop(&compose, "ars-comp-3", Signal::SIGKILL)
+                .await
+                .unwrap_err()
+        );
+        assert!(error.contains("not found"), "{error}");
+        // The hint for the default command names the alternative.
+        let default = Compose {
+            command: vec!["docker".into(), "compose".into()],
+            file: "c.yml".into(),
+            env: Vec::new(),
+        };
+        assert!(default.not_found("x").to_string().starts_with(
+            "docker compose not found; install Docker or pass --compose-command docker-compose"
+        ),);
     }
 }

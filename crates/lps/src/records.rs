@@ -135,6 +135,12 @@ pub struct RunInfo {
     pub load_end_us: u64,
     /// When every acknowledged id had arrived at the simulator (None: not within the timeout).
     pub drained_us: Option<u64>,
+    /// Where the topology ran: `local` or `compose FILE` (absent in older run folders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// What the run did not measure, and why (e.g. no bridge metrics from compose).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Microseconds since the Unix epoch.
