@@ -6,6 +6,7 @@
 //! machine with the Rust toolchain needs.
 
 pub mod analyze;
+pub mod bench;
 pub mod experiment;
 pub mod faults;
 pub mod load;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use lps::experiment::Experiment;
+use lps::experiment::{ComposeSetup, Experiment, Platform};
 use lps::faults::Schedule;
 use lps::load::{LoadConfig, Shape};
 use lps::topology::{Options, Program, Topology};
@@ -88,12 +88,55 @@ struct FaultArgs {
     /// Multiply every fault time by this (upstream's times: 1.0).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Stop services with SIGTERM (graceful) instead of SIGKILL.
+    /// Stop services with SIGTERM (graceful) instead of SIGKILL (local; compose always
+    /// uses `compose stop`).
     #[arg(long)]
     graceful: bool,
     /// Seconds to wait for the backlog to drain after the load.
     #[arg(long, default_value_t = 120.0)]
     drain_timeout: f64,
+}
+
+/// The compose command.
+#[derive(Debug, Args)]
+struct ComposeCommand {
+    /// The compose command, e.g. "docker compose" or docker-compose.
+    #[arg(long, env = "LPS_COMPOSE", default_value = lps::faults::DEFAULT_COMPOSE_COMMAND)]
+    compose_command: String,
+}
+
+/// Running an experiment against a compose topology instead of local processes.
+#[derive(Debug, Args)]
+struct ComposeArgs {
+    /// Run against this compose file (docker-compose-legacy.yml, docker-compose-ng.yml) on
+    /// the compose host ports instead of as local processes.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["broker", "sim_args"])]
+    compose: Option<PathBuf>,
+    #[command(flatten)]
+    command: ComposeCommand,
+    /// Clean start: `down -v` before `up` (compose).
+    #[arg(long, requires = "compose")]
+    clean: bool,
+    /// Leave the compose topology running afterwards (no `down`).
+    #[arg(long, requires = "compose")]
+    keep_up: bool,
+    /// Seconds to wait after `up` for the entry services and the simulator (compose).
+    #[arg(long, default_value_t = 300.0)]
+    ready_timeout: f64,
+}
+
+impl ComposeArgs {
+    fn platform(&self) -> anyhow::Result<Platform> {
+        let Some(file) = &self.compose else {
+            return Ok(Platform::Local);
+        };
+        Ok(Platform::Compose(ComposeSetup {
+            compose: lps::faults::Compose::new(&self.command.compose_command, file.clone())?,
+            clean: self.clean,
+            keep_up: self.keep_up,
+            ready_timeout: Duration::from_secs_f64(self.ready_timeout),
+        }))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,10 +174,13 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Start a topology, load it (with faults), wait for the drain, stop, analyze.
+    /// Start a topology (local processes, or --compose FILE), load it (with faults), wait for
+    /// the drain, stop, analyze.
     Experiment {
         /// Which topology.
         topology: Topology,
+        #[command(flatten)]
+        compose: ComposeArgs,
         #[command(flatten)]
         topology_args: TopologyArgs,
         #[command(flatten)]
@@ -177,6 +223,8 @@ enum Command {
         /// A compose file: services are stopped and started with `docker compose`.
         #[arg(long)]
         compose: Option<PathBuf>,
+        #[command(flatten)]
+        compose_command: ComposeCommand,
         /// Fault schedule.
         #[arg(long, value_enum, default_value = "chain")]
         faults: Schedule,
@@ -199,6 +247,34 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Measure every hop next to its ceiling (throughput, latency, CPU, memory); writes
+    /// bench.json and prints a table.
+    Bench {
+        /// Scenarios (default: all). Ceilings a scenario is compared with run too.
+        #[arg(value_enum)]
+        scenarios: Vec<lps::bench::Scenario>,
+        /// Seconds measured per figure.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Seconds of unmeasured load before each figure.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Connection counts.
+        #[arg(long, value_delimiter = ',', default_values_t = [8, 50])]
+        connections: Vec<usize>,
+        /// Relay payload sizes: bytes, or with a k/m suffix (KiB/MiB).
+        #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values = ["1k", "16k", "128k", "1m"])]
+        sizes: Vec<usize>,
+        /// NG broker: auto (Mosquitto when installed, else embedded), embedded, mosquitto, or mqtt://HOST:PORT.
+        #[arg(long, default_value = "auto")]
+        broker: lps::BrokerChoice,
+        /// Seconds NG may take to deliver what it acknowledged.
+        #[arg(long, default_value_t = 30.0)]
+        drain_timeout: f64,
+        /// Run folder (default runs/<timestamp>-bench).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run one service in the foreground (what `up` starts for each process).
     #[command(hide = true)]
     Service {
@@ -208,6 +284,24 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+}
+
+/// `1024`, `16k`, `1m` (binary units).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1 << 10),
+        None => match lower.strip_suffix('m') {
+            Some(d) => (d, 1 << 20),
+            None => (lower.as_str(), 1),
+        },
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?}: expected a size such as 1024, 16k or 1m"))
 }
 
 fn timestamped(name: &str) -> PathBuf {
@@ -329,6 +423,7 @@ fn main() -> ExitCode {
         }),
         Command::Experiment {
             topology,
+            compose,
             topology_args,
             load,
             faults,
@@ -336,6 +431,7 @@ fn main() -> ExitCode {
         } => block_on(async move {
             let experiment = Experiment {
                 topology,
+                platform: compose.platform()?,
                 broker: topology_args.broker.clone(),
                 options: options(&topology_args),
                 shape: load.shape(),
@@ -378,6 +474,7 @@ fn main() -> ExitCode {
             };
             let template = Experiment {
                 topology: Topology::Legacy,
+                platform: Platform::Local,
                 broker: topology_args.broker.clone(),
                 options: options(&topology_args),
                 shape: Shape::Users(users),
@@ -395,6 +492,7 @@ fn main() -> ExitCode {
         Command::Fault {
             run,
             compose,
+            compose_command,
             faults,
             scale,
             graceful,
@@ -407,7 +505,8 @@ fn main() -> ExitCode {
             };
             let stop = lps_common::server::shutdown_on_signals();
             if let Some(file) = compose {
-                let target = lps::faults::Compose { file };
+                let target = lps::faults::Compose::new(&compose_command.compose_command, file)?;
+                target.check().await?;
                 let dir = out.unwrap_or_else(|| timestamped("faults"));
                 std::fs::create_dir_all(&dir)?;
                 let services = target.services().await?;
@@ -420,6 +519,35 @@ fn main() -> ExitCode {
                 let services = target.services().await?;
                 run_faults(faults, scale, &services, &target, signal, &dir, stop).await
             }
+        }),
+        Command::Bench {
+            scenarios,
+            duration,
+            warmup,
+            connections,
+            sizes,
+            broker,
+            drain_timeout,
+            out,
+        } => block_on(async move {
+            let options = lps::bench::BenchOptions {
+                scenarios: if scenarios.is_empty() {
+                    <lps::bench::Scenario as clap::ValueEnum>::value_variants().to_vec()
+                } else {
+                    scenarios
+                },
+                duration: Duration::from_secs_f64(duration),
+                warmup: Duration::from_secs_f64(warmup),
+                connections,
+                sizes,
+                broker,
+                drain_timeout: Duration::from_secs_f64(drain_timeout),
+                out: out.unwrap_or_else(|| timestamped("bench")),
+            };
+            let report = lps::bench::run(&options).await?;
+            println!("{}", lps::bench::table(&report));
+            println!("figures: {}", options.out.join("bench.json").display());
+            Ok(())
         }),
         Command::Analyze { runs, out } => block_on(async move {
             let out = out.unwrap_or_else(|| runs[0].clone());

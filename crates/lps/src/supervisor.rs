@@ -38,6 +38,11 @@ impl Running {
         };
         format!("{scheme}://127.0.0.1:{}", self.spec.port)
     }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
 }
 
 /// Starts and stops the processes of one run.

@@ -322,7 +322,7 @@ pub fn services(
 }
 
 /// A port that was free a moment ago (the system's pick for port 0).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_or(0, |a| a.port())

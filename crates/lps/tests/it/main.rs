@@ -1,5 +1,9 @@
 //! `lps` as a real process.
 
+mod automations;
+mod bench;
+mod compose;
 mod demo;
 mod load;
+mod locust;
 mod up;
