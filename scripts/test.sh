@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # Runs the test suite (README.adoc's test command): installs what the tests need and a
-# machine with only the Rust toolchain lacks (Mosquitto, for the bridge tests), then
-# `cargo test --workspace`. Extra arguments go to cargo test.
+# machine with only the Rust toolchain lacks (see below), then `cargo test --workspace`.
+# Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Mosquitto for the bridge tests. Debian bookworm ships 2.0.11, which ignores a client
-# Receive Maximum above 1; its backports suite has 2.0.21, so prefer that.
+# What the tests need beyond the Rust toolchain:
+# - Mosquitto, for the bridge tests. Debian bookworm ships 2.0.11, which ignores a client
+#   Receive Maximum above 1; its backports suite has 2.0.21, so prefer that;
+# - docker-compose, to validate the compose files (`docker-compose config`, no engine);
+# - shellcheck, for Automations/ and scripts/;
+# - python3 with venv, for the Locust test (scripts/locust-env.sh makes the venv).
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  as_root apt-get install -y -qq "$@" >/dev/null
+}
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   step "installing mosquitto"
-  export DEBIAN_FRONTEND=noninteractive
   # shellcheck source=/dev/null
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
   if [ "$codename" = bookworm ]; then
@@ -25,11 +37,24 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
         | as_root tee /etc/apt/sources.list.d/lps-backports.sources >/dev/null
     fi
   fi
-  as_root apt-get update -qq
-  as_root apt-get install -y -qq -t "${codename}-backports" mosquitto >/dev/null 2>&1 \
-    || as_root apt-get install -y -qq mosquitto >/dev/null
+  apt_install -t "${codename}-backports" mosquitto 2>/dev/null || apt_install mosquitto
 fi
 echo "mosquitto: $( (mosquitto -h 2>/dev/null || /usr/sbin/mosquitto -h 2>/dev/null) | head -n 1)"
+missing=()
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+echo "docker-compose: $(docker-compose version --short 2>/dev/null)"
+echo "shellcheck: $(shellcheck --version | awk '/^version:/ {print $2}')"
+echo "python3: $(python3 --version 2>&1)"
 
 step "cargo test --workspace"
 log=$(mktemp)
