@@ -29,7 +29,11 @@ Options:
                        pause (default 60)
   --clean              compose: `down -v` before `up` (upstream's clean start); local runs
                        always start clean
-  --out DIR            result folder (default runs/<UTC time>-<topology>-<experiment>-<faults>)
+  --netem              compose: add upstream's network emulation, the override
+                       docker-compose-netem.yml (ng) or docker-compose-legacy-netem.yml
+                       (legacy)
+  --out DIR            result folder (default
+                       runs/<UTC time>-<topology>-<experiment>-<faults>[-netem])
   --broker B           local NG broker: auto, embedded, mosquitto or mqtt://HOST:PORT
   --dry-run            print the lps command line instead of running it
   -h, --help           this text
@@ -40,8 +44,11 @@ Environment:
   LPS_BIN      the lps executable (default target/release/lps, else `cargo run --release`)
   LPS_COMPOSE  the compose command (default "docker compose")
 
+Ctrl-C stops the run and the topology (compose: `down`, unless `-- --keep-up`).
+
 Example:
   Automations/run_experiment.sh --compose ng failover --faults all --clean
+  Automations/run_experiment.sh --compose --netem legacy performance
 USAGE
 }
 
@@ -52,6 +59,7 @@ faults=none
 scale=""
 duration=""
 clean=false
+netem=false
 out=""
 broker=""
 dry_run=false
@@ -64,6 +72,7 @@ while (($#)); do
     --scale) need_number "$@"; scale=$2; shift ;;
     --duration) need_number "$@"; duration=$2; shift ;;
     --clean) clean=true ;;
+    --netem) netem=true ;;
     --out) need_value "$@"; out=$2; shift ;;
     --broker) need_value "$@"; broker=$2; shift ;;
     --dry-run) dry_run=true ;;
@@ -100,8 +109,14 @@ esac
 if [[ "$platform" == compose && -n "$broker" ]]; then
   die "--broker is for local runs; the compose topology brings its own Mosquitto"
 fi
+if $netem && [[ "$platform" != compose ]]; then
+  die "--netem needs --compose: the network emulation is a compose override"
+fi
 
 label="$experiment-$([[ "$faults" == none ]] && echo without-faults || echo "with-faults-$faults")"
+if $netem; then
+  label+=-netem
+fi
 out=${out:-runs/$(utc_timestamp)-$topology-$label}
 
 args=(experiment "$topology" --faults "$faults" --out "$out")
@@ -119,6 +134,12 @@ if [[ -n "$scale" ]]; then
 fi
 if [[ "$platform" == compose ]]; then
   args+=(--compose "$LPS_REPO_ROOT/docker-compose-$topology.yml")
+  if $netem; then
+    case "$topology" in
+      ng) args+=(--compose "$LPS_REPO_ROOT/docker-compose-netem.yml") ;;
+      legacy) args+=(--compose "$LPS_REPO_ROOT/docker-compose-legacy-netem.yml") ;;
+    esac
+  fi
   if $clean; then
     args+=(--clean)
   fi

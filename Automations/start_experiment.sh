@@ -27,6 +27,7 @@ Options:
   --scale X               fault time scale (default 1: upstream's times)
   --duration S            as run_experiment.sh --duration
   --clean                 compose: clean start (`down -v`) before every run
+  --netem                 compose: with upstream's network emulation (see run_experiment.sh)
   --out DIR               root of the results (default runs/<UTC time>)
   --broker B              local NG broker (auto, embedded, mosquitto, mqtt://HOST:PORT)
   --dry-run               print the commands instead of running them
@@ -57,7 +58,7 @@ while (($#)); do
     --faults) need_value "$@"; faults=$2; shift ;;
     --scale | --duration) need_number "$@"; pass+=("$1" "$2"); shift ;;
     --broker) need_value "$@"; pass+=("$1" "$2"); shift ;;
-    --clean) pass+=(--clean) ;;
+    --clean | --netem) pass+=("$1") ;;
     --out) need_value "$@"; out=$2; shift ;;
     --dry-run) dry_run=true; pass+=(--dry-run) ;;
     -h | --help) usage; exit 0 ;;

@@ -6,8 +6,9 @@
 //! - **local** (default): the services as processes on free ports (so an experiment never
 //!   collides with an `lps up`), faults by signals, the legacy-proxy-2 counters scraped
 //!   every second (NG);
-//! - **compose**: a compose file (`docker-compose-legacy.yml`, `docker-compose-ng.yml`)
-//!   brought up with `LPS_LOGS=<run>/logs <compose> -f FILE up -d --build` (after
+//! - **compose**: a compose file (`docker-compose-legacy.yml`, `docker-compose-ng.yml`),
+//!   possibly with overrides (`docker-compose-netem.yml`), brought up with
+//!   `LPS_LOGS=<run>/logs <compose> -f FILE [-f OVERRIDE...] up -d --build` (after
 //!   `down -v` for a clean start; `LPS_UID`/`LPS_GID` default to this user, so the
 //!   containers can write the bind-mounted logs folder), ready once the entry services
 //!   (127.0.0.1:7081-7083) and the simulator (127.0.0.1:8084) answer `/healthz`; faults
@@ -20,6 +21,10 @@
 //! Then, the same on both: load and fault schedule side by side, wait until every
 //! acknowledged alarm has arrived at the simulator (the drain, measured by ids) or a
 //! timeout, stop the topology, write `run.json`.
+//!
+//! An interruption (the caller's stop token: Ctrl-C, SIGTERM) ends the run at any point,
+//! stops the topology the same way (local services in order; `down` for compose unless
+//! kept up) and fails the run, whose folder keeps what was recorded so far.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -49,7 +54,7 @@ pub enum Platform {
 /// How to run a compose topology.
 #[derive(Debug, Clone)]
 pub struct ComposeSetup {
-    /// The compose command and file.
+    /// The compose command and files.
     pub compose: Compose,
     /// Clean start: `down -v` before `up` (containers, networks and volumes of a previous
     /// run go, the broker's persisted queue with them).
@@ -155,7 +160,7 @@ struct Deployed {
     endpoints: Endpoints,
     /// The broker that ran (NG), for `run.json`.
     broker: Option<String>,
-    /// `local` or `compose FILE`, for `run.json`.
+    /// `local` or `compose FILE [+ OVERRIDE...]`, for `run.json`.
     platform: String,
     /// What this run does not measure, and why.
     notes: Vec<String>,
@@ -192,6 +197,20 @@ impl Target for Deployment {
 }
 
 impl Deployment {
+    /// Says what an interruption does to the topology (before [`Deployment::shut_down`]).
+    fn interrupted(&self) {
+        match self {
+            Self::Local(_) => eprintln!("interrupted: stopping the services"),
+            Self::Compose(setup) if setup.keep_up => {
+                eprintln!("interrupted: leaving the topology up (--keep-up)");
+            }
+            Self::Compose(setup) => eprintln!(
+                "interrupted: bringing the topology down ({})",
+                setup.compose.display(&["down"])
+            ),
+        }
+    }
+
     /// Stops the topology (a compose topology only unless it is to be kept up).
     async fn shut_down(&self) -> anyhow::Result<()> {
         match self {
@@ -215,11 +234,31 @@ impl Deployment {
     }
 }
 
-/// Starts the topology of `experiment` with its logs in `dir/logs`.
-async fn deploy(experiment: &Experiment, dir: &Path) -> anyhow::Result<Deployed> {
+/// The error of an interrupted run.
+fn interrupted(dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "interrupted; what was recorded so far is in {}",
+        dir.display()
+    )
+}
+
+/// Starts the topology of `experiment` with its logs in `dir/logs`. A local topology
+/// interrupted while it starts is killed (dropping the supervisor kills its processes); a
+/// compose topology is brought down unless kept up.
+async fn deploy(
+    experiment: &Experiment,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<Deployed> {
     match &experiment.platform {
-        Platform::Local => deploy_local(experiment, dir).await,
-        Platform::Compose(setup) => deploy_compose(experiment.topology, setup, dir).await,
+        Platform::Local => tokio::select! {
+            deployed = deploy_local(experiment, dir) => deployed,
+            () = stop.cancelled() => {
+                eprintln!("interrupted while starting: stopping the services started so far");
+                Err(interrupted(dir))
+            }
+        },
+        Platform::Compose(setup) => deploy_compose(experiment.topology, setup, dir, stop).await,
     }
 }
 
@@ -263,6 +302,7 @@ async fn deploy_compose(
     topology: Topology,
     setup: &ComposeSetup,
     dir: &Path,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Deployed> {
     let logs = dir.join("logs");
     // Created here, not by the engine (which would make it root's).
@@ -295,28 +335,35 @@ async fn deploy_compose(
     anyhow::ensure!(
         missing.is_empty(),
         "{} lacks the {topology} services {missing:?} (it declares {declared:?})",
-        compose.file.display()
+        compose.files_display()
     );
-    if setup.clean {
-        compose
-            .run_visible(&["down", "-v", "--remove-orphans"])
-            .await?;
-    }
     let target = Deployment::Compose(setup.clone());
     let ready = async {
+        if setup.clean {
+            compose
+                .run_visible(&["down", "-v", "--remove-orphans"])
+                .await?;
+        }
         compose.run_visible(&["up", "-d", "--build"]).await?;
         wait_ready(&compose_health(topology), setup.ready_timeout).await
     };
-    if let Err(e) = ready.await {
+    let ready = tokio::select! {
+        ready = ready => ready.map_err(|e| e.context(format!(
+            "starting {}; see {} and `{}`",
+            compose.files_display(),
+            logs.display(),
+            compose.display(&["ps"])
+        ))),
+        () = stop.cancelled() => {
+            target.interrupted();
+            Err(interrupted(dir))
+        }
+    };
+    if let Err(e) = ready {
         if let Err(down) = target.shut_down().await {
             eprintln!("warning: {down:#}");
         }
-        return Err(e.context(format!(
-            "starting {}; see {} and `{}`",
-            compose.file.display(),
-            logs.display(),
-            compose.display(&["ps"])
-        )));
+        return Err(e);
     }
     let mut notes = Vec::new();
     if !endpoints.bridges.is_empty() && !any_answers(&endpoints.bridges).await {
@@ -327,7 +374,7 @@ async fn deploy_compose(
     Ok(Deployed {
         endpoints,
         broker: (topology == Topology::Ng).then(|| "mosquitto".to_owned()),
-        platform: format!("compose {}", compose.file.display()),
+        platform: format!("compose {}", compose.files_display()),
         notes,
         target,
     })
@@ -417,21 +464,28 @@ async fn wait_ready(health: &[(String, String)], timeout: Duration) -> anyhow::R
     }
 }
 
-/// Runs `experiment`; returns its run folder.
-pub async fn run(experiment: &Experiment) -> anyhow::Result<PathBuf> {
+/// Runs `experiment`; returns its run folder. When `stop` fires (Ctrl-C, SIGTERM) the run
+/// ends at once: the topology is stopped (see [`ComposeSetup::keep_up`]) and the run fails.
+pub async fn run(experiment: &Experiment, stop: &CancellationToken) -> anyhow::Result<PathBuf> {
     let dir = experiment.out.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let on = match &experiment.platform {
         Platform::Local => "local processes".to_owned(),
-        Platform::Compose(setup) => setup.compose.file.display().to_string(),
+        Platform::Compose(setup) => setup.compose.files_display(),
     };
     eprintln!(
         "== {} experiment on {on}, run folder {}",
         experiment.topology,
         dir.display()
     );
-    let deployed = deploy(experiment, &dir).await?;
-    let window = drive(experiment, &deployed, &dir).await;
+    let deployed = deploy(experiment, &dir, stop).await?;
+    let window = tokio::select! {
+        window = drive(experiment, &deployed, &dir, stop) => window,
+        () = stop.cancelled() => {
+            deployed.target.interrupted();
+            Err(interrupted(&dir))
+        }
+    };
     let stopped = deployed.target.shut_down().await;
     let (load_start_us, load_end_us, drained_us) = window?;
     if let Err(e) = stopped {
@@ -460,9 +514,12 @@ async fn drive(
     experiment: &Experiment,
     deployed: &Deployed,
     dir: &Path,
+    stop: &CancellationToken,
 ) -> anyhow::Result<(u64, u64, Option<u64>)> {
     let endpoints = &deployed.endpoints;
-    let stop_scraper = CancellationToken::new();
+    // A child of `stop`: the scraper task also ends when the run is interrupted (and this
+    // future dropped).
+    let stop_scraper = stop.child_token();
     let scraper = tokio::spawn(scrape_bridges(
         endpoints.bridges.clone(),
         dir.join(records::BRIDGE_METRICS),
@@ -623,8 +680,13 @@ async fn scrape_bridges(bridges: Vec<(String, String)>, path: PathBuf, stop: Can
     }
 }
 
-/// `lps demo`: the baseline and the NG experiment back to back, then one report.
-pub async fn demo(template: &Experiment, out: &Path) -> anyhow::Result<PathBuf> {
+/// `lps demo`: the baseline and the NG experiment back to back, then one report; `stop`
+/// interrupts it as it does [`run`].
+pub async fn demo(
+    template: &Experiment,
+    out: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<PathBuf> {
     let mut runs = Vec::new();
     for topology in [Topology::Legacy, Topology::Ng] {
         let experiment = Experiment {
@@ -632,7 +694,7 @@ pub async fn demo(template: &Experiment, out: &Path) -> anyhow::Result<PathBuf> 
             out: out.join(topology.to_string()),
             ..template.clone()
         };
-        runs.push(run(&experiment).await?);
+        runs.push(run(&experiment, stop).await?);
     }
     let summaries = crate::analyze::write_report(&runs, out)?;
     println!("{}", crate::analyze::table(&summaries));

@@ -10,9 +10,10 @@
 //! Every time is multiplied by a scale factor so that a schedule fits a short run.
 //!
 //! Targets: the supervisor of this process (signals), an `lps up` in another process (its
-//! control socket), or a compose topology ([`Compose`]: `<command> -f FILE stop|start`,
-//! where the command is `docker compose`, or `docker-compose` through `--compose-command`
-//! or `LPS_COMPOSE`).
+//! control socket), or a compose topology ([`Compose`]: `<command> -f FILE [-f FILE...]
+//! stop|start`, where the command is `docker compose`, or `docker-compose` through
+//! `--compose-command` or `LPS_COMPOSE`, and the files a topology and its overrides, e.g.
+//! `docker-compose-ng.yml` and `docker-compose-netem.yml`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,32 +186,44 @@ pub async fn inject(
 /// The compose command used unless told otherwise (`--compose-command`, `LPS_COMPOSE`).
 pub const DEFAULT_COMPOSE_COMMAND: &str = "docker compose";
 
-/// A compose command on one compose file: `<command> -f FILE stop|start SERVICE` for
-/// faults, `up`/`down` for `lps experiment --compose`.
+/// A compose command on a compose file and its overrides: `<command> -f FILE [-f FILE...]
+/// stop|start SERVICE` for faults, `up`/`down` for `lps experiment --compose`.
 #[derive(Debug, Clone)]
 pub struct Compose {
     /// The program and its leading arguments: `["docker", "compose"]` or
     /// `["docker-compose"]`.
     pub command: Vec<String>,
-    /// The compose file.
-    pub file: std::path::PathBuf,
+    /// The compose files, in order: the topology, then overrides (later files override
+    /// earlier ones, as with repeated `-f`).
+    pub files: Vec<std::path::PathBuf>,
     /// Environment for every invocation, e.g. `LPS_LOGS` (where the containers log).
     pub env: Vec<(String, String)>,
 }
 
 impl Compose {
-    /// `command` is split at whitespace (`"docker compose"`, `"docker-compose"`).
-    pub fn new(command: &str, file: std::path::PathBuf) -> anyhow::Result<Self> {
+    /// `command` is split at whitespace (`"docker compose"`, `"docker-compose"`); `files`
+    /// are passed as one `-f` each, in order.
+    pub fn new(command: &str, files: Vec<std::path::PathBuf>) -> anyhow::Result<Self> {
         let command: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
         anyhow::ensure!(
             !command.is_empty(),
             "the compose command is empty; expected \"docker compose\" or docker-compose"
         );
+        anyhow::ensure!(!files.is_empty(), "no compose file given");
         Ok(Self {
             command,
-            file,
+            files,
             env: Vec::new(),
         })
+    }
+
+    /// The compose files for messages: `a.yml + b.yml`.
+    pub fn files_display(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 
     /// Sets `key=value` in the environment of every invocation.
@@ -220,11 +233,14 @@ impl Compose {
         self
     }
 
-    /// The command line for `args` on the file: `docker compose -f FILE ARGS...`.
+    /// The command line for `args` on the files: `docker compose -f FILE [-f FILE...]
+    /// ARGS...`.
     pub fn command_line(&self, args: &[&str]) -> Vec<String> {
         let mut line = self.command.clone();
-        line.push("-f".to_owned());
-        line.push(self.file.display().to_string());
+        for file in &self.files {
+            line.push("-f".to_owned());
+            line.push(file.display().to_string());
+        }
         line.extend(args.iter().map(|a| (*a).to_owned()));
         line
     }
@@ -303,7 +319,7 @@ impl Compose {
         Ok(())
     }
 
-    /// Checks that the compose command runs (`<command> version`) and the file exists.
+    /// Checks that the compose command runs (`<command> version`) and the files exist.
     pub async fn check(&self) -> anyhow::Result<()> {
         let mut line = self.command.clone();
         line.push("version".to_owned());
@@ -313,15 +329,13 @@ impl Compose {
             let detail = stderr.lines().next().unwrap_or_default().trim();
             return Err(self.not_found(&format!("`{}`: {detail}", line.join(" "))));
         }
-        anyhow::ensure!(
-            self.file.is_file(),
-            "compose file {} not found",
-            self.file.display()
-        );
+        for file in &self.files {
+            anyhow::ensure!(file.is_file(), "compose file {} not found", file.display());
+        }
         Ok(())
     }
 
-    /// The services of the compose file.
+    /// The services of the compose files together.
     pub async fn services(&self) -> anyhow::Result<Vec<String>> {
         Ok(self
             .run(&["config", "--services"])
@@ -504,9 +518,12 @@ mod tests {
 
     #[test]
     fn compose_command_lines_carry_the_command_the_file_and_the_environment() {
-        let compose = Compose::new("docker  compose", "/repo/docker-compose-ng.yml".into())
-            .unwrap()
-            .with_env("LPS_LOGS", "/runs/1/logs");
+        let compose = Compose::new(
+            "docker  compose",
+            vec!["/repo/docker-compose-ng.yml".into()],
+        )
+        .unwrap()
+        .with_env("LPS_LOGS", "/runs/1/logs");
         assert_eq!(
             compose.command_line(&["stop", "proxy2-1"]),
             [
@@ -522,17 +539,43 @@ mod tests {
             compose.display(&["up", "-d"]),
             "LPS_LOGS=/runs/1/logs docker compose -f /repo/docker-compose-ng.yml up -d"
         );
-        let v1 = Compose::new("docker-compose", "c.yml".into()).unwrap();
+        let v1 = Compose::new("docker-compose", vec!["c.yml".into()]).unwrap();
         assert_eq!(
             v1.command_line(&["down"]),
             ["docker-compose", "-f", "c.yml", "down"]
         );
-        assert!(Compose::new("  ", "c.yml".into()).is_err());
+        assert!(Compose::new("  ", vec!["c.yml".into()]).is_err());
+        assert!(Compose::new("docker compose", Vec::new()).is_err());
+        // A topology and its overrides: one -f each, in the order given.
+        let netem = Compose::new(
+            "docker compose",
+            vec![
+                "docker-compose-ng.yml".into(),
+                "docker-compose-netem.yml".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            netem.command_line(&["down"]),
+            [
+                "docker",
+                "compose",
+                "-f",
+                "docker-compose-ng.yml",
+                "-f",
+                "docker-compose-netem.yml",
+                "down"
+            ]
+        );
+        assert_eq!(
+            netem.files_display(),
+            "docker-compose-ng.yml + docker-compose-netem.yml"
+        );
     }
 
     #[tokio::test]
     async fn a_missing_compose_command_says_what_to_install_or_pass() {
-        let compose = Compose::new("lps-test-no-such-compose", "c.yml".into()).unwrap();
+        let compose = Compose::new("lps-test-no-such-compose", vec!["c.yml".into()]).unwrap();
         let error = format!("{:#}", compose.check().await.unwrap_err());
         assert!(
             error.starts_with("lps-test-no-such-compose not found; install it or pass --compose-command \"docker compose\""),
@@ -548,7 +591,7 @@ mod tests {
         // The hint for the default command names the alternative.
         let default = Compose {
             command: vec!["docker".into(), "compose".into()],
-            file: "c.yml".into(),
+            files: vec!["c.yml".into()],
             env: Vec::new(),
         };
         assert!(default.not_found("x").to_string().starts_with(

@@ -109,15 +109,17 @@ struct ComposeCommand {
 #[derive(Debug, Args)]
 struct ComposeArgs {
     /// Run against this compose file (docker-compose-legacy.yml, docker-compose-ng.yml) on
-    /// the compose host ports instead of as local processes.
+    /// the compose host ports instead of as local processes; repeat it for overrides
+    /// (passed as one -f each, in order), e.g. --compose docker-compose-ng.yml --compose
+    /// docker-compose-netem.yml.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["broker", "sim_args"])]
-    compose: Option<PathBuf>,
+    compose: Vec<PathBuf>,
     #[command(flatten)]
     command: ComposeCommand,
     /// Clean start: `down -v` before `up` (compose).
     #[arg(long, requires = "compose")]
     clean: bool,
-    /// Leave the compose topology running afterwards (no `down`).
+    /// Leave the compose topology running afterwards, also after Ctrl-C (no `down`).
     #[arg(long, requires = "compose")]
     keep_up: bool,
     /// Seconds to wait after `up` for the entry services and the simulator (compose).
@@ -127,11 +129,14 @@ struct ComposeArgs {
 
 impl ComposeArgs {
     fn platform(&self) -> anyhow::Result<Platform> {
-        let Some(file) = &self.compose else {
+        if self.compose.is_empty() {
             return Ok(Platform::Local);
-        };
+        }
         Ok(Platform::Compose(ComposeSetup {
-            compose: lps::faults::Compose::new(&self.command.compose_command, file.clone())?,
+            compose: lps::faults::Compose::new(
+                &self.command.compose_command,
+                self.compose.clone(),
+            )?,
             clean: self.clean,
             keep_up: self.keep_up,
             ready_timeout: Duration::from_secs_f64(self.ready_timeout),
@@ -174,8 +179,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Start a topology (local processes, or --compose FILE), load it (with faults), wait for
-    /// the drain, stop, analyze.
+    /// Start a topology (local processes, or --compose FILE...), load it (with faults), wait
+    /// for the drain, stop, analyze. Ctrl-C stops the topology (compose: `down`, unless
+    /// --keep-up).
     Experiment {
         /// Which topology.
         topology: Topology,
@@ -220,9 +226,10 @@ enum Command {
         /// The run folder of an `lps up` (its control socket); faults.jsonl goes there.
         #[arg(long, required_unless_present = "compose", conflicts_with = "compose")]
         run: Option<PathBuf>,
-        /// A compose file: services are stopped and started with `docker compose`.
-        #[arg(long)]
-        compose: Option<PathBuf>,
+        /// A compose file: services are stopped and started with `docker compose`; repeat it
+        /// for the overrides the topology was started with (one -f each, in order).
+        #[arg(long, value_name = "FILE")]
+        compose: Vec<PathBuf>,
         #[command(flatten)]
         compose_command: ComposeCommand,
         /// Fault schedule.
@@ -443,7 +450,8 @@ fn main() -> ExitCode {
                 drain_timeout: Duration::from_secs_f64(faults.drain_timeout),
                 out: out.unwrap_or_else(|| timestamped(&topology.to_string())),
             };
-            let dir = lps::experiment::run(&experiment).await?;
+            let stop = lps_common::server::shutdown_on_signals();
+            let dir = lps::experiment::run(&experiment, &stop).await?;
             let summaries = lps::analyze::write_report(std::slice::from_ref(&dir), &dir)?;
             println!("{}", lps::analyze::table(&summaries));
             println!("report: {}", dir.join("report.html").display());
@@ -486,7 +494,8 @@ fn main() -> ExitCode {
                 drain_timeout: Duration::from_secs(60),
                 out: out.clone(),
             };
-            lps::experiment::demo(&template, &out).await?;
+            let stop = lps_common::server::shutdown_on_signals();
+            lps::experiment::demo(&template, &out, &stop).await?;
             Ok(())
         }),
         Command::Fault {
@@ -504,8 +513,8 @@ fn main() -> ExitCode {
                 lps::supervisor::Signal::SIGKILL
             };
             let stop = lps_common::server::shutdown_on_signals();
-            if let Some(file) = compose {
-                let target = lps::faults::Compose::new(&compose_command.compose_command, file)?;
+            if !compose.is_empty() {
+                let target = lps::faults::Compose::new(&compose_command.compose_command, compose)?;
                 target.check().await?;
                 let dir = out.unwrap_or_else(|| timestamped("faults"));
                 std::fs::create_dir_all(&dir)?;

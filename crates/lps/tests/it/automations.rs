@@ -1,9 +1,12 @@
 //! `Automations/`: the shell scripts pass shellcheck, map upstream's experiment names onto
 //! `lps experiment`, and a short local experiment through them yields a complete result
-//! folder. Compose mode is checked as far as it goes without a Docker engine.
+//! folder. Compose mode is checked as far as it goes without a Docker engine (a fake
+//! compose command records what `lps experiment --compose` runs). Ctrl-C stops what an
+//! experiment started, locally and in compose mode.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
     std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap()
@@ -99,6 +102,23 @@ fn run_experiment_maps_upstream_names_onto_lps_experiment() {
         line.trim(),
         "lps experiment legacy --faults none --out o --users 1 --duration 30 --broker embedded"
     );
+    // --netem adds the topology's network emulation override after its file.
+    for (topology, netem) in [
+        ("ng", "docker-compose-netem.yml"),
+        ("legacy", "docker-compose-legacy-netem.yml"),
+    ] {
+        let line = dry(&["--compose", "--netem", topology, "failover", "--out", "o"]);
+        assert_eq!(
+            line.trim(),
+            format!(
+                "lps experiment {topology} --faults none --out o --users 1 --duration 600 --compose {} --compose {}",
+                repo()
+                    .join(format!("docker-compose-{topology}.yml"))
+                    .display(),
+                repo().join(netem).display()
+            )
+        );
+    }
     // Mistakes are usage errors that name the mistake.
     for (args, says) in [
         (&["ng", "soak"][..], "experiment 'soak'"),
@@ -109,6 +129,10 @@ fn run_experiment_maps_upstream_names_onto_lps_experiment() {
         (
             &["ng", "failover", "--scale", "x"][..],
             "'x' is not a number",
+        ),
+        (
+            &["ng", "failover", "--netem"][..],
+            "--netem needs --compose",
         ),
     ] {
         let output = script("run_experiment.sh").args(args).output().unwrap();
@@ -127,6 +151,7 @@ fn start_experiment_runs_both_topologies_per_mode_and_compares_them() {
             "failover",
             "--faults",
             "entry",
+            "--netem",
             "--out",
             "r",
             "--dry-run",
@@ -149,6 +174,8 @@ fn start_experiment_runs_both_topologies_per_mode_and_compares_them() {
         lines[4].contains("experiment ng --faults entry --out r/failover-with-faults-entry/ng")
     );
     assert!(lines[4].contains("docker-compose-ng.yml"));
+    assert!(lines[4].contains("docker-compose-netem.yml"));
+    assert!(lines[3].contains("docker-compose-legacy-netem.yml"));
     assert!(lines[5].starts_with("lps analyze r/failover-with-faults-entry/legacy"));
 }
 
@@ -212,4 +239,168 @@ fn compose_mode_without_the_compose_command_fails_with_a_hint() {
         stderr.contains("lps-test-no-such-compose not found; install it or pass --compose-command"),
         "{stderr}"
     );
+}
+
+/// Waits for `child` to exit within `timeout`; kills it and fails otherwise.
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("lps did not exit within {timeout:?} after the signal");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds; fails after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn interrupt(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_the_services_of_a_local_experiment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut lps = Command::new(env!("CARGO_BIN_EXE_lps"))
+        .args([
+            "experiment",
+            "legacy",
+            "--users",
+            "1",
+            "--duration",
+            "120",
+            "--out",
+        ])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The load runs once every service is up.
+    let ledger = out.join("client_ledger.jsonl");
+    wait_until("the load started", Duration::from_secs(60), || {
+        std::fs::metadata(&ledger).is_ok_and(|m| m.len() > 0)
+    });
+    let services = children(lps.id());
+    assert_eq!(services.len(), 7, "the legacy services: {services:?}");
+    interrupt(&lps);
+    let status = wait_exit(&mut lps, Duration::from_secs(60));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut lps.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: stopping the services"),
+        "{stderr}"
+    );
+    // Stopped and reaped by lps, not left running (they have their own process group, so
+    // the terminal's Ctrl-C does not reach them).
+    let left: Vec<u32> = services
+        .into_iter()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(left.is_empty(), "still there: {left:?}\n{stderr}");
+}
+
+#[test]
+fn ctrl_c_brings_a_compose_experiment_down_unless_kept_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A compose command that records its arguments, declares the NG services and hangs in
+    // `up` (as a build would), so the signal arrives while the topology starts.
+    let services = lps::experiment::Endpoints::compose(lps::topology::Topology::Ng)
+        .names
+        .join(" ");
+    let fake = dir.path().join("fake-compose");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> \"$FAKE_COMPOSE_LOG\"\ncase \"$*\" in\n  *' config --services') printf '%s\\n' {services} ;;\n  *' up '*) exec sleep 60 ;;\nesac\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ng = repo().join("docker-compose-ng.yml");
+    let netem = repo().join("docker-compose-netem.yml");
+    let files = format!("-f {} -f {}", ng.display(), netem.display());
+    for keep_up in [false, true] {
+        let log = dir.path().join(format!("compose-{keep_up}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lps"));
+        command
+            .args(["experiment", "ng", "--compose"])
+            .arg(&ng)
+            .arg("--compose")
+            .arg(&netem)
+            .arg("--compose-command")
+            .arg(&fake)
+            .arg("--out")
+            .arg(dir.path().join(format!("run-{keep_up}")))
+            .env("FAKE_COMPOSE_LOG", &log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if keep_up {
+            command.arg("--keep-up");
+        }
+        let mut lps = command.spawn().unwrap();
+        let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_until("`up` started", Duration::from_secs(30), || {
+            calls().contains(" up -d --build")
+        });
+        interrupt(&lps);
+        let status = wait_exit(&mut lps, Duration::from_secs(30));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut lps.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains("error: interrupted"), "{stderr}");
+        let calls = calls();
+        let calls: Vec<&str> = calls.lines().collect();
+        // Every call names both files, in order.
+        assert_eq!(calls[0], "version", "{calls:?}");
+        for call in &calls[1..] {
+            assert!(call.starts_with(&files), "{call} lacks {files}");
+        }
+        if keep_up {
+            assert_eq!(calls.last().unwrap(), &format!("{files} up -d --build"));
+            assert!(
+                stderr.contains("interrupted: leaving the topology up (--keep-up)")
+                    && stderr.contains("stop it with: "),
+                "{stderr}"
+            );
+        } else {
+            assert_eq!(calls.last().unwrap(), &format!("{files} down"));
+            assert!(
+                stderr.contains("interrupted: bringing the topology down"),
+                "{stderr}"
+            );
+        }
+    }
 }
