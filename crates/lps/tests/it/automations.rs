@@ -1,4 +1,4 @@
-//! `Automations/`: the shell scripts pass shellcheck, map upstream's experiment names onto
+//! `Automations/`: the shell scripts (and the repository's others) pass shellcheck, map upstream's experiment names onto
 //! `lps experiment`, and a short local experiment through them yields a complete result
 //! folder. Compose mode is checked as far as it goes without a Docker engine (a fake
 //! compose command records what `lps experiment --compose` runs). Ctrl-C stops what an
@@ -27,16 +27,31 @@ fn text(output: &Output) -> (String, String) {
     )
 }
 
-#[test]
-fn automation_scripts_pass_shellcheck() {
-    let mut scripts: Vec<String> = std::fs::read_dir(repo().join("Automations"))
+/// The shell scripts of `folder` (relative to the repository), sorted.
+fn shell_scripts(folder: &str) -> Vec<String> {
+    let mut scripts: Vec<String> = std::fs::read_dir(repo().join(folder))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".sh"))
-        .map(|n| format!("Automations/{n}"))
+        .map(|n| format!("{folder}/{n}"))
         .collect();
     scripts.sort();
-    assert!(scripts.len() >= 3, "{scripts:?}");
+    scripts
+}
+
+#[test]
+fn automation_scripts_pass_shellcheck() {
+    let automations = shell_scripts("Automations");
+    assert!(automations.len() >= 3, "{automations:?}");
+    // The repository's other shell scripts too (scripts/test.sh, scripts/locust-env.sh,
+    // mosquitto/persistence-bench.sh); all in one call so that `source` is followed.
+    let mut scripts = automations;
+    scripts.extend(shell_scripts("scripts"));
+    scripts.extend(shell_scripts("mosquitto"));
+    assert!(
+        scripts.iter().any(|s| s == "scripts/test.sh"),
+        "{scripts:?}"
+    );
     let output = match Command::new("shellcheck")
         .args(&scripts)
         .current_dir(repo())
@@ -44,7 +59,7 @@ fn automation_scripts_pass_shellcheck() {
     {
         Ok(output) => output,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "shellcheck is not installed (apt-get install -y shellcheck); it checks Automations/*.sh"
+            "shellcheck is not installed (apt-get install -y shellcheck); it checks the shell scripts"
         ),
         Err(e) => panic!("running shellcheck: {e}"),
     };
