@@ -254,7 +254,7 @@ async fn deploy(
         Platform::Local => tokio::select! {
             deployed = deploy_local(experiment, dir) => deployed,
             () = stop.cancelled() => {
-                eprintln!("interrupted while starting: stopping the services started so far");
+                eprintln!("interrupted while starting: killing the services started so far");
                 Err(interrupted(dir))
             }
         },
