@@ -8,6 +8,10 @@ use lps::faults::Schedule;
 use lps::load::{LoadConfig, Shape};
 use lps::topology::{Options, Program, Topology};
 
+/// mimalloc instead of glibc malloc: less CPU per request (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// LPS: run the Legacy Proxy System topologies locally, load them, break them, compare them.
 #[derive(Debug, Parser)]
 #[command(version, about)]
