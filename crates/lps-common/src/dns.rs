@@ -14,11 +14,13 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use hickory_resolver::TokioResolver;
+use hyper_util::client::legacy::connect::dns::Name;
 use tracing::debug;
 
 /// The addresses of a name and how long they may be cached.
@@ -114,7 +116,7 @@ impl NameLookup for StaticLookup {
     }
 }
 
-/// A TTL-honouring cache over a [`NameLookup`], usable as reqwest's resolver.
+/// A TTL-honouring cache over a [`NameLookup`], the resolver of the outbound client.
 pub struct DnsCache {
     lookup: Arc<dyn NameLookup>,
     enabled: bool,
@@ -173,17 +175,49 @@ impl DnsCache {
     }
 }
 
-/// Adapter so reqwest resolves through a shared [`DnsCache`].
-pub(crate) struct ReqwestResolver(pub(crate) Arc<DnsCache>);
+/// Adapter so hyper-util's `HttpConnector` resolves through a shared [`DnsCache`]. It is
+/// called for new connections only, never for a pooled one. IP literals do not get here:
+/// the connector uses them as they are.
+#[derive(Clone)]
+pub(crate) struct CacheResolver {
+    cache: Arc<DnsCache>,
+    /// The lookup gets the connect timeout: hickory's own retries may take far longer.
+    timeout: Duration,
+}
 
-impl reqwest::dns::Resolve for ReqwestResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let cache = self.0.clone();
+impl CacheResolver {
+    pub(crate) fn new(cache: Arc<DnsCache>, timeout: Duration) -> Self {
+        Self { cache, timeout }
+    }
+}
+
+impl tower::Service<Name> for CacheResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = BoxFuture<'static, io::Result<Self::Response>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let (cache, timeout) = (self.cache.clone(), self.timeout);
         Box::pin(async move {
-            let addrs = cache.resolve(name.as_str()).await?;
-            let addrs: reqwest::dns::Addrs =
-                Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)));
-            Ok(addrs)
+            let host = name.as_str();
+            let addrs = tokio::time::timeout(timeout, cache.resolve(host))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("resolve {host}: no answer within {timeout:?}"),
+                    )
+                })??;
+            // Port 0: the connector puts in the URL's port.
+            Ok(addrs
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect::<Vec<_>>()
+                .into_iter())
         })
     }
 }

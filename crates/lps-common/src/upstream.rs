@@ -7,22 +7,28 @@
 //! connection could not be *established* is retried on the next target; once a request may
 //! have reached a target it is never retried here, since the target may have acted on it.
 
+use std::error::Error as StdError;
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use reqwest::Url;
 use tracing::{debug, warn};
+use url::Url;
 
 use crate::api::{self, ApiError};
 use crate::config::{ConfigError, Env};
-use crate::dns::{DnsCache, HickoryLookup, NameLookup, ReqwestResolver};
+use crate::dns::{CacheResolver, DnsCache, HickoryLookup, NameLookup};
 use crate::request_id::{REQUEST_ID, RequestId};
 use crate::wire::LegacyMessage;
 use axum::response::{IntoResponse, Response};
@@ -94,16 +100,19 @@ pub fn parse_targets(raw: &str) -> Result<Vec<Url>, ConfigError> {
     Ok(targets)
 }
 
+/// Any error, boxed.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
 /// Why a forwarded request failed; decides the status answered and whether a retry is safe.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No target accepted a connection: nothing was sent, a retry is safe.
-    #[error("no target accepted a connection (last tried {target}): {source}")]
+    #[error("no target accepted a connection (last tried {target}): {}", Chain(.source))]
     Unavailable {
         /// The last target tried.
         target: Url,
         /// The connect error.
-        source: reqwest::Error,
+        source: hyper_util::client::legacy::Error,
     },
     /// The target did not answer in time; it may have acted on the request.
     #[error("{target} did not answer within {timeout:?}")]
@@ -122,13 +131,29 @@ pub enum UpstreamError {
         status: StatusCode,
     },
     /// The exchange broke after the request was sent (reset, bad response).
-    #[error("request to {target} failed: {source}")]
+    #[error("request to {target} failed: {}", Chain(&**.source))]
     Failed {
         /// The target.
         target: Url,
-        /// What broke.
-        source: reqwest::Error,
+        /// What broke: the client's or the response body's error.
+        source: BoxError,
     },
+}
+
+/// Shows an error with its causes: hyper's errors say little by themselves ("client error
+/// (Connect)"); what happened ("Connection refused") is further down the chain.
+struct Chain<'a>(&'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
 }
 
 impl UpstreamError {
@@ -180,13 +205,48 @@ struct UpstreamMetrics {
 
 struct Target {
     url: Url,
+    /// `url` as hyper takes it, converted once at start-up.
+    uri: Uri,
     /// Skip until this many ms after `Upstream::epoch` (0 = available).
     down_until_ms: AtomicU64,
 }
 
+type HttpClient = Client<HttpConnector<CacheResolver>, Full<Bytes>>;
+
+/// How often a request refused by an HTTP/2 target before it was processed (GOAWAY,
+/// REFUSED_STREAM) is sent again, as reqwest did.
+const PROTOCOL_NACK_RETRIES: u32 = 2;
+
+/// How one try at a target ended.
+enum Exchange {
+    /// The target answered with this status (and the body was read, unless it failed).
+    Answered(StatusCode),
+    /// No answer within the request timeout.
+    TimedOut,
+    /// The client failed: no connection, or the request or response broke on the way.
+    SendFailed(hyper_util::client::legacy::Error),
+    /// A 2xx answer whose body broke off.
+    BodyFailed(hyper::Error),
+}
+
+/// Whether an HTTP/2 target refused the request before processing it: a GOAWAY without
+/// error (graceful shutdown) or REFUSED_STREAM (RFC 9113, 8.7).
+fn is_protocol_nack(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// The pooled outbound client and its target list. Build once per service.
 pub struct Upstream {
-    client: reqwest::Client,
+    client: HttpClient,
     targets: Vec<Target>,
     next: AtomicUsize,
     dns: Arc<DnsCache>,
@@ -211,22 +271,42 @@ impl Upstream {
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
         let dns = DnsCache::new(lookup, !config.skip_dns_cache);
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .tcp_nodelay(true)
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
+        let mut connector = HttpConnector::new_with_resolver(CacheResolver::new(
+            dns.clone(),
+            config.connect_timeout,
+        ));
+        connector.enforce_http(true);
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        // TCP keep-alive as reqwest had it: finds half-open pooled connections.
+        connector.set_keepalive(Some(Duration::from_secs(15)));
+        connector.set_keepalive_interval(Some(Duration::from_secs(15)));
+        connector.set_keepalive_retries(Some(3));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1024)
-            .dns_resolver(Arc::new(ReqwestResolver(dns.clone())));
-        builder = if config.http2 {
-            builder.http2_prior_knowledge()
-        } else {
-            builder.http1_only()
-        };
-        let client = builder
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+            // h2c with prior knowledge when asked, HTTP/1.1 otherwise.
+            .http2_only(config.http2);
+        let client = builder.build(connector);
+        let targets = config
+            .targets
+            .iter()
+            .map(|url| {
+                let uri = url
+                    .as_str()
+                    .parse::<Uri>()
+                    .map_err(|e| anyhow::anyhow!("cannot use {url} as a target: {e}"))?;
+                Ok(Target {
+                    url: url.clone(),
+                    uri,
+                    down_until_ms: AtomicU64::new(0),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!targets.is_empty(), "no target to forward to");
         let metrics = UpstreamMetrics::default();
         registry.register(
             "upstream_errors",
@@ -240,14 +320,7 @@ impl Upstream {
         );
         Ok(Self {
             client,
-            targets: config
-                .targets
-                .iter()
-                .map(|url| Target {
-                    url: url.clone(),
-                    down_until_ms: AtomicU64::new(0),
-                })
-                .collect(),
+            targets,
             next: AtomicUsize::new(0),
             dns,
             cooldown: config.cooldown,
@@ -312,43 +385,29 @@ impl Upstream {
         let id =
             HeaderValue::from_str(request_id.as_str()).unwrap_or(HeaderValue::from_static("0"));
         let mut attempt = 0;
+        let mut nacks = 0;
         loop {
             let target = &self.targets[order[attempt % order.len()]];
-            if attempt > 0 {
-                self.metrics.connect_retries.inc();
-            }
-            let sent = self
-                .client
-                .post(target.url.clone())
-                .header(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )
-                .header(REQUEST_ID, id.clone())
-                .body(body.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(response) => {
-                    let status = response.status();
-                    // Read the body so the connection goes back to the pool.
-                    let read = response.bytes().await;
-                    if !status.is_success() {
-                        return Err(UpstreamError::Status {
-                            target: target.url.clone(),
-                            status,
-                        });
-                    }
-                    if let Err(source) = read {
-                        return Err(self.classify(target, source));
-                    }
-                    return Ok(status);
+            match self.exchange(target, body.clone(), &id).await {
+                Exchange::Answered(status) if status.is_success() => return Ok(status),
+                Exchange::Answered(status) => {
+                    return Err(UpstreamError::Status {
+                        target: target.url.clone(),
+                        status,
+                    });
                 }
-                Err(source) if source.is_connect() => {
+                Exchange::TimedOut => {
+                    self.mark_down(target);
+                    return Err(UpstreamError::Timeout {
+                        target: target.url.clone(),
+                        timeout: self.request_timeout,
+                    });
+                }
+                Exchange::SendFailed(source) if source.is_connect() => {
                     self.mark_down(target);
                     let host = target.url.host_str().unwrap_or_default();
                     let had_entry = self.dns.invalidate(host);
-                    debug!(target = %target.url, error = %source, "connect failed");
+                    debug!(target = %target.url, error = %Chain(&source), "connect failed");
                     attempt += 1;
                     if attempt >= attempts || (order.len() == 1 && !had_entry) {
                         let error = UpstreamError::Unavailable {
@@ -358,24 +417,69 @@ impl Upstream {
                         warn!(%request_id, %error, "no target reachable");
                         return Err(error);
                     }
+                    self.metrics.connect_retries.inc();
                 }
-                Err(source) => return Err(self.classify(target, source)),
+                Exchange::SendFailed(source)
+                    if nacks < PROTOCOL_NACK_RETRIES && is_protocol_nack(&source) =>
+                {
+                    // The target refused the stream unprocessed: sending it again is safe.
+                    nacks += 1;
+                    let error = Chain(&source);
+                    debug!(target = %target.url, %error, "stream refused, sending again");
+                }
+                Exchange::SendFailed(source) => {
+                    return Err(UpstreamError::Failed {
+                        target: target.url.clone(),
+                        source: source.into(),
+                    });
+                }
+                Exchange::BodyFailed(source) => {
+                    return Err(UpstreamError::Failed {
+                        target: target.url.clone(),
+                        source: source.into(),
+                    });
+                }
             }
         }
     }
 
-    fn classify(&self, target: &Target, source: reqwest::Error) -> UpstreamError {
-        if source.is_timeout() {
-            self.mark_down(target);
-            UpstreamError::Timeout {
-                target: target.url.clone(),
-                timeout: self.request_timeout,
+    /// One POST to `target` within the request timeout, reading the response body to the
+    /// end so the connection goes back to the pool.
+    async fn exchange(&self, target: &Target, body: Bytes, id: &HeaderValue) -> Exchange {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = target.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.insert(REQUEST_ID, id.clone());
+        // The status is kept for when the body then times out: a non-2xx answer is reported
+        // as such, as before.
+        let mut answered = None;
+        let exchange = async {
+            let response = self.client.request(request).await?;
+            let status = response.status();
+            answered = Some(status);
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Err(error) = frame {
+                    return Ok((status, Err(error)));
+                }
             }
-        } else {
-            UpstreamError::Failed {
-                target: target.url.clone(),
-                source,
-            }
+            Ok((status, Ok(())))
+        };
+        match tokio::time::timeout(self.request_timeout, exchange).await {
+            Ok(Ok((status, _))) if !status.is_success() => Exchange::Answered(status),
+            Ok(Ok((_, Err(error)))) => Exchange::BodyFailed(error),
+            Ok(Ok((status, Ok(())))) => Exchange::Answered(status),
+            Ok(Err(source)) => Exchange::SendFailed(source),
+            Err(_elapsed) => match answered {
+                Some(status) if !status.is_success() => Exchange::Answered(status),
+                _ => Exchange::TimedOut,
+            },
         }
     }
 

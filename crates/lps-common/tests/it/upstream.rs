@@ -64,9 +64,52 @@ async fn a_refused_connection_fails_fast_as_unavailable() {
         matches!(error, UpstreamError::Unavailable { .. }),
         "{error}"
     );
+    // The cause is spelled out, not just "client error (Connect)".
+    assert!(error.to_string().contains("Connection refused"), "{error}");
     let api = error.to_api_error();
     assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.retry_after, Some(1));
+}
+
+#[tokio::test]
+async fn an_ipv6_literal_target_gets_the_headers_over_both_protocols() {
+    let recorder = Recorder::new();
+    let server = TestServer::start_on(
+        "[::1]:0".parse().unwrap(),
+        recorder.router(),
+        Protocols::default(),
+    )
+    .await;
+    let id = RequestId::generate();
+    for http2 in [false, true] {
+        let mut config = UpstreamConfig::for_targets(parse_targets(&server.url("/x")).unwrap());
+        config.http2 = http2;
+        let upstream = Upstream::new(&config, &mut Registry::default()).unwrap();
+        let status = upstream
+            .post_json(r#"{"a":1}"#.into(), &id)
+            .await
+            .expect("forwarded");
+        assert_eq!(status, StatusCode::OK);
+        // Literals are used as they are: nothing went through the DNS cache.
+        assert_eq!(upstream.dns().lookups(), 0);
+    }
+    let requests = recorder.requests();
+    assert_eq!(requests.len(), 2);
+    let host = format!("[::1]:{}", server.addr.port());
+    for (request, version) in requests
+        .iter()
+        .zip([http::Version::HTTP_11, http::Version::HTTP_2])
+    {
+        assert_eq!(request.version, version);
+        assert_eq!(request.path, "/x");
+        assert_eq!(request.body, r#"{"a":1}"#);
+        assert_eq!(request.header("request-id"), Some(id.as_str()));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        // Over HTTP/2 the authority travels as `:authority`, not as a Host header.
+        if version == http::Version::HTTP_11 {
+            assert_eq!(request.header("host"), Some(host.as_str()));
+        }
+    }
 }
 
 #[tokio::test]
