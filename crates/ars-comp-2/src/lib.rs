@@ -61,8 +61,14 @@ impl Config {
 
 /// The router: the relay route plus `/healthz` and `/metrics`.
 pub fn app(upstream: Arc<Upstream>, registry: Registry, max_body_bytes: usize) -> Router {
+    // Bodies are buffered and re-encoded, so large ones are admitted within a budget.
+    let budget = api::BodyBudget::for_limit(max_body_bytes);
     let routes = Router::new()
         .route(STORE_PATH, post(store))
+        .route_layer(axum::middleware::from_fn_with_state(
+            budget,
+            api::BodyBudget::limit,
+        ))
         .with_state(upstream);
     finish_router(routes, registry, max_body_bytes)
 }

@@ -129,6 +129,69 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
+/// Bodies up to this many bytes are read without reserving from a [`BodyBudget`].
+pub const SMALL_BODY_BYTES: u64 = 64 << 10;
+
+/// Bounds the memory that large request bodies take at once, whatever the number of
+/// connections: a request whose body is larger than [`SMALL_BODY_BYTES`] (or of unknown
+/// length) reserves its size from a process-wide budget before its body is read, and
+/// waits while the budget is spent. A relay that buffers and re-encodes bodies holds a
+/// few copies of each, so without this its memory grows with body size × connections.
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    total: u32,
+    max_body: u32,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes for bodies of at most `max_body` bytes.
+    pub fn new(total: usize, max_body: usize) -> Self {
+        let total = u32::try_from(total.max(1)).unwrap_or(u32::MAX >> 3);
+        Self {
+            bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+            max_body: u32::try_from(max_body).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The budget a relay with body limit `max_body` gets: twice that, at least 8 MiB.
+    pub fn for_limit(max_body: usize) -> Self {
+        Self::new(max_body.saturating_mul(2).max(8 << 20), max_body)
+    }
+
+    /// Bytes free now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Middleware (`axum::middleware::from_fn_with_state`): reserves, runs the handler,
+    /// releases once the answer is ready (the handler has dropped the body by then).
+    pub async fn limit(
+        axum::extract::State(budget): axum::extract::State<Self>,
+        request: Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let need = match length {
+            Some(n) if n <= SMALL_BODY_BYTES => return next.run(request).await,
+            // Too large: the body limit rejects it without reading it.
+            Some(n) if n > u64::from(budget.max_body) => return next.run(request).await,
+            Some(n) => n,
+            None => u64::from(budget.max_body),
+        };
+        let need = u32::try_from(need.min(u64::from(budget.total))).unwrap_or(budget.total);
+        let Ok(_permit) = budget.bytes.acquire_many(need).await else {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "closed")
+                .into_response();
+        };
+        next.run(request).await
+    }
+}
+
 /// 200 with upstream's success body `{"status":"success",...}`.
 pub fn success() -> Response {
     (
@@ -216,6 +279,65 @@ pub async fn method_not_allowed(req: Request) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn large_bodies_wait_for_the_budget_small_ones_do_not() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        use tower::ServiceExt;
+        // Large bodies stay in the handler until the gate lets them go.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let budget = BodyBudget::new(1 << 20, 1 << 20);
+        let app = {
+            let gate = gate.clone();
+            axum::Router::new()
+                .route(
+                    "/",
+                    axum::routing::post(move |Body(body): Body| {
+                        let gate = gate.clone();
+                        async move {
+                            if body.len() as u64 > SMALL_BODY_BYTES {
+                                gate.acquire().await.unwrap().forget();
+                            }
+                            body.len().to_string()
+                        }
+                    }),
+                )
+                .route_layer(axum::middleware::from_fn_with_state(
+                    budget.clone(),
+                    BodyBudget::limit,
+                ))
+        };
+        let post = |len: usize| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let request = http::Request::post("/")
+                    .header(header::CONTENT_LENGTH, len)
+                    .body(axum::body::Body::from(vec![b'x'; len]))
+                    .unwrap();
+                app.oneshot(request).await.unwrap().status()
+            })
+        };
+        let first = post(700 << 10);
+        while budget.available() == 1 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(budget.available(), (1 << 20) - (700 << 10));
+        // A second large body does not fit while the first is in the handler: it waits.
+        let second = post(700 << 10);
+        // A small one is not held up.
+        assert_eq!(post(1 << 10).await.unwrap(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "the second large body waits for the budget"
+        );
+        gate.add_permits(1);
+        assert_eq!(first.await.unwrap(), StatusCode::OK);
+        gate.add_permits(1);
+        assert_eq!(second.await.unwrap(), StatusCode::OK);
+        assert_eq!(budget.available(), 1 << 20, "everything released");
+    }
 
     #[derive(serde::Deserialize, Debug)]
     #[allow(dead_code)]
