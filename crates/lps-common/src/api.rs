@@ -129,14 +129,18 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
+/// How many times a relay holds a buffered body at once (see [`BodyBudget`]).
+const COPIES: u64 = 3;
+
 /// Bodies up to this many bytes are read without reserving from a [`BodyBudget`].
 pub const SMALL_BODY_BYTES: u64 = 64 << 10;
 
 /// Bounds the memory that large request bodies take at once, whatever the number of
 /// connections: a request whose body is larger than [`SMALL_BODY_BYTES`] (or of unknown
 /// length) reserves its size from a process-wide budget before its body is read, and
-/// waits while the budget is spent. A relay that buffers and re-encodes bodies holds a
-/// few copies of each, so without this its memory grows with body size × connections.
+/// waits while the budget is spent. A relay that buffers and re-encodes a body holds it
+/// about three times (as read, as parsed, as re-encoded), so a body reserves three times
+/// its size; without this a relay's memory grows with body size × connections.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
     bytes: std::sync::Arc<tokio::sync::Semaphore>,
@@ -183,7 +187,8 @@ impl BodyBudget {
             Some(n) => n,
             None => u64::from(budget.max_body),
         };
-        let need = u32::try_from(need.min(u64::from(budget.total))).unwrap_or(budget.total);
+        let need = need.saturating_mul(COPIES).min(u64::from(budget.total));
+        let need = u32::try_from(need).unwrap_or(budget.total);
         let Ok(_permit) = budget.bytes.acquire_many(need).await else {
             return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "closed")
                 .into_response();
@@ -287,7 +292,7 @@ mod tests {
         use tower::ServiceExt;
         // Large bodies stay in the handler until the gate lets them go.
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let budget = BodyBudget::new(1 << 20, 1 << 20);
+        let budget = BodyBudget::new(3 << 20, 1 << 20);
         let app = {
             let gate = gate.clone();
             axum::Router::new()
@@ -319,10 +324,10 @@ mod tests {
             })
         };
         let first = post(700 << 10);
-        while budget.available() == 1 << 20 {
+        while budget.available() == 3 << 20 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(budget.available(), (1 << 20) - (700 << 10));
+        assert_eq!(budget.available(), (3 << 20) - 3 * (700 << 10));
         // A second large body does not fit while the first is in the handler: it waits.
         let second = post(700 << 10);
         // A small one is not held up.
@@ -336,7 +341,7 @@ mod tests {
         assert_eq!(first.await.unwrap(), StatusCode::OK);
         gate.add_permits(1);
         assert_eq!(second.await.unwrap(), StatusCode::OK);
-        assert_eq!(budget.available(), 1 << 20, "everything released");
+        assert_eq!(budget.available(), 3 << 20, "everything released");
     }
 
     #[derive(serde::Deserialize, Debug)]

@@ -86,6 +86,9 @@ pub struct BenchOptions {
     pub drain_timeout: Duration,
     /// Run folder (service logs, bench.json).
     pub out: PathBuf,
+    /// Rounds: every figure is measured this many times (services started afresh each
+    /// round) and the median is reported, which tames a noisy machine.
+    pub rounds: usize,
 }
 
 /// One row of the report.
@@ -357,22 +360,90 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
         figures: Vec::new(),
         checks: Vec::new(),
     };
-    let wants = |s: Scenario| options.scenarios.contains(&s);
     let most = options.connections.iter().copied().max().unwrap_or(50);
-    if wants(Scenario::Direct) || wants(Scenario::Relay) || wants(Scenario::Legacy) {
-        http_hops(options, &mut report, most).await?;
+    let rounds = options.rounds.max(1);
+    let mut measured = Vec::new();
+    for round in 1..=rounds {
+        let mut this = options.clone();
+        if rounds > 1 {
+            eprintln!("bench: round {round} of {rounds}");
+            this.out = options.out.join(format!("round-{round}"));
+        }
+        let mut figures = Report {
+            figures: Vec::new(),
+            ..report.clone()
+        };
+        one_round(&this, &mut figures, most).await?;
+        report.broker = figures.broker;
+        measured.push(figures.figures);
     }
-    if wants(Scenario::Legacy) {
-        legacy(options, &mut report, most).await?;
-    }
-    if wants(Scenario::Broker) || wants(Scenario::Ng) {
-        ng(options, &mut report, most).await?;
-    }
+    report.figures = median(measured);
+    rebase(&mut report.figures);
     report.checks = checks(&report.figures, most);
     let path = options.out.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(report)
+}
+
+async fn one_round(options: &BenchOptions, report: &mut Report, most: usize) -> anyhow::Result<()> {
+    let wants = |s: Scenario| options.scenarios.contains(&s);
+    if wants(Scenario::Direct) || wants(Scenario::Relay) || wants(Scenario::Legacy) {
+        http_hops(options, report, most).await?;
+    }
+    if wants(Scenario::Legacy) {
+        legacy(options, report, most).await?;
+    }
+    if wants(Scenario::Broker) || wants(Scenario::Ng) {
+        ng(options, report, most).await?;
+    }
+    Ok(())
+}
+
+/// Per figure, the round with the median result: the median rate for closed loops, the
+/// median p99 for open loops (their rate is the schedule's).
+fn median(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    let names: Vec<String> = first.iter().map(|f| f.name.clone()).collect();
+    names
+        .iter()
+        .filter_map(|name| {
+            let mut all: Vec<&Figure> = rounds
+                .iter()
+                .filter_map(|round| round.iter().find(|f| &f.name == name))
+                .collect();
+            all.sort_by(|a, b| {
+                if a.mode == "closed" {
+                    let rate = |f: &Figure| f.delivered_rate.unwrap_or(f.rate);
+                    rate(a).total_cmp(&rate(b))
+                } else {
+                    a.p99_ms.total_cmp(&b.p99_ms)
+                }
+            });
+            all.get(all.len() / 2).map(|f| (*f).clone())
+        })
+        .collect()
+}
+
+/// Ratios to the ceilings and to upstream, from the figures finally reported.
+fn rebase(figures: &mut [Figure]) {
+    let rates: Vec<(String, f64)> = figures
+        .iter()
+        .map(|f| (f.name.clone(), f.delivered_rate.unwrap_or(f.rate)))
+        .collect();
+    for f in figures.iter_mut() {
+        let rate = f.delivered_rate.unwrap_or(f.rate);
+        if let Some(ceiling) = &f.ceiling
+            && let Some((_, base)) = rates.iter().find(|(name, _)| name == ceiling)
+        {
+            f.ratio = Some(rate / base.max(1e-9));
+        }
+        if let Some(upstream) = f.upstream {
+            f.vs_upstream = Some(rate / upstream);
+        }
+    }
 }
 
 fn progress(name: &str) {
@@ -511,8 +582,8 @@ async fn http_figures(
             (Scenario::Direct, &sim, "direct"),
             (Scenario::Relay, &relay, "relay"),
         ] {
-            let name = format!("{label} http1 c{most} open {rate:.0}/s");
-            progress(&name);
+            let name = format!("{label} http1 c{most} open half");
+            progress(&format!("{name} ({rate:.0}/s)"));
             let spec = load(
                 target,
                 Protocol::Http1,
@@ -788,8 +859,8 @@ async fn ng_figures(
 
     // 80 % of the sustainable delivered rate, open loop: the drain after the load.
     let rate = (delivered * 0.8).max(1.0);
-    let name = format!("ng http1 c{most} open {rate:.0}/s");
-    progress(&name);
+    let name = format!("ng http1 c{most} open 80%");
+    progress(&format!("{name} ({rate:.0}/s)"));
     let load = spec(Mode::Open(rate))?;
     let from_us = records::now_us() + micros(options.warmup);
     let (result, generator, processes) = measure(load.clone(), services()).await?;

@@ -282,6 +282,9 @@ enum Command {
         /// Seconds NG may take to deliver what it acknowledged.
         #[arg(long, default_value_t = 30.0)]
         drain_timeout: f64,
+        /// Measure everything this many times and report the median of each figure.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Run folder (default runs/<timestamp>-bench).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -541,6 +544,7 @@ fn main() -> ExitCode {
             sizes,
             broker,
             drain_timeout,
+            rounds,
             out,
         } => block_on(async move {
             let options = lps::bench::BenchOptions {
@@ -556,6 +560,7 @@ fn main() -> ExitCode {
                 broker,
                 drain_timeout: Duration::from_secs_f64(drain_timeout),
                 out: out.unwrap_or_else(|| timestamped("bench")),
+                rounds,
             };
             let report = lps::bench::run(&options).await?;
             println!("{}", lps::bench::table(&report));

@@ -22,6 +22,8 @@ async fn bench_produces_every_scenario_with_zero_loss() {
             "mosquitto",
             "--drain-timeout",
             "20",
+            "--rounds",
+            "2",
             "--out",
         ])
         .arg(&out)
