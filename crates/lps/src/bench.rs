@@ -136,6 +136,8 @@ pub struct Figure {
     pub upstream: Option<f64>,
     /// Our figure over upstream's.
     pub vs_upstream: Option<f64>,
+    /// Share of the machine's CPU time the hypervisor stole meanwhile (0..1).
+    pub steal: f64,
     /// The load generator (this process).
     pub generator: ProcessFigures,
     /// The services.
@@ -250,7 +252,7 @@ fn me() -> Watched {
 async fn measure(
     spec: LoadSpec,
     processes: Vec<Watched>,
-) -> anyhow::Result<(LoadResult, ProcessFigures, Vec<ProcessFigures>)> {
+) -> anyhow::Result<(LoadResult, Measured)> {
     let warmup = spec.warmup;
     let mut all = vec![me()];
     all.extend(processes);
@@ -259,9 +261,27 @@ async fn measure(
     tokio::time::sleep(warmup).await;
     let window = Window::start(all);
     let result = load.await??;
-    let mut figures = window.finish();
-    let generator = figures.remove(0);
-    Ok((result, generator, figures))
+    Ok((result, Measured::of(&window)))
+}
+
+/// What a window measured besides the load: the generator, the services, the steal.
+struct Measured {
+    generator: ProcessFigures,
+    processes: Vec<ProcessFigures>,
+    steal: f64,
+}
+
+impl Measured {
+    fn of(window: &Window) -> Self {
+        let steal = window.steal();
+        let mut processes = window.finish();
+        let generator = processes.remove(0);
+        Self {
+            generator,
+            processes,
+            steal,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -270,8 +290,7 @@ fn figure(
     name: String,
     spec: &LoadSpec,
     result: &LoadResult,
-    generator: ProcessFigures,
-    processes: Vec<ProcessFigures>,
+    measured: Measured,
 ) -> Figure {
     Figure {
         scenario,
@@ -298,8 +317,9 @@ fn figure(
         ratio: None,
         upstream: None,
         vs_upstream: None,
-        generator,
-        processes,
+        steal: measured.steal,
+        generator: measured.generator,
+        processes: measured.processes,
     }
 }
 
@@ -519,10 +539,9 @@ async fn http_figures(
         let name = format!("direct http1 c{c}");
         progress(&name);
         let spec = load(&sim, Protocol::Http1, c, small_body(), Mode::Closed);
-        let (result, generator, processes) = measure(spec.clone(), sim_only()).await?;
+        let (result, measured) = measure(spec.clone(), sim_only()).await?;
         let upstream = (c == most).then_some(upstream::DIRECT_NGINX);
-        let f = figure(Scenario::Direct, name, &spec, &result, generator, processes)
-            .against(None, upstream);
+        let f = figure(Scenario::Direct, name, &spec, &result, measured).against(None, upstream);
         directs.push(f.clone());
         report.figures.push(f);
     }
@@ -534,14 +553,14 @@ async fn http_figures(
             let name = format!("relay {protocol} c{c}");
             progress(&name);
             let spec = load(&relay, protocol, c, small_body(), Mode::Closed);
-            let (result, generator, processes) = measure(spec.clone(), both()).await?;
+            let (result, measured) = measure(spec.clone(), both()).await?;
             let upstream = match (protocol, c) {
                 (Protocol::Http1, 8) => Some(upstream::RELAY_C8),
                 (Protocol::Http1, 50) => Some(upstream::RELAY_C50),
                 _ => None,
             };
             report.figures.push(
-                figure(Scenario::Relay, name, &spec, &result, generator, processes)
+                figure(Scenario::Relay, name, &spec, &result, measured)
                     .against(directs.get(i), upstream),
             );
         }
@@ -562,9 +581,8 @@ async fn http_figures(
             } else {
                 both()
             };
-            let (result, generator, processes) = measure(spec.clone(), watch).await?;
-            let f = figure(scenario, name, &spec, &result, generator, processes)
-                .against(pair.first(), None);
+            let (result, measured) = measure(spec.clone(), watch).await?;
+            let f = figure(scenario, name, &spec, &result, measured).against(pair.first(), None);
             pair.push(f);
         }
         report.figures.extend(pair);
@@ -596,9 +614,8 @@ async fn http_figures(
             } else {
                 both()
             };
-            let (result, generator, processes) = measure(spec.clone(), watch).await?;
-            let f = figure(scenario, name, &spec, &result, generator, processes)
-                .against(pair.first(), None);
+            let (result, measured) = measure(spec.clone(), watch).await?;
+            let f = figure(scenario, name, &spec, &result, measured).against(pair.first(), None);
             pair.push(f);
         }
         report.figures.extend(pair);
@@ -683,7 +700,7 @@ async fn legacy(options: &BenchOptions, report: &mut Report, most: usize) -> any
             &supervisor,
             &[Program::ArsComp1, Program::ArsComp2, Program::RastSimulator],
         );
-        let (result, generator, processes) = measure(spec.clone(), services).await?;
+        let (result, measured) = measure(spec.clone(), services).await?;
         let ledger = dir.join("logs").join(rast_simulator::journal::LEDGER_FILE);
         let (lost, _, _) = arrivals(&ledger, &result.ids, (0, 0), Duration::from_secs(5)).await?;
         let ceiling = report
@@ -691,7 +708,7 @@ async fn legacy(options: &BenchOptions, report: &mut Report, most: usize) -> any
             .iter()
             .find(|f| f.name == format!("direct http1 c{most}"))
             .cloned();
-        let mut f = figure(Scenario::Legacy, name, &spec, &result, generator, processes);
+        let mut f = figure(Scenario::Legacy, name, &spec, &result, measured);
         f.lost = Some(lost);
         report
             .figures
@@ -758,8 +775,7 @@ async fn ng_figures(
     tokio::time::sleep(options.warmup).await;
     let window = Window::start(all);
     let result = run.await??;
-    let mut processes = window.finish();
-    let generator = processes.remove(0);
+    let measured = Measured::of(&window);
     let quantile = |q: f64| {
         if result.latencies_us.is_empty() {
             return 0.0;
@@ -796,8 +812,9 @@ async fn ng_figures(
         ratio: None,
         upstream: None,
         vs_upstream: None,
-        generator,
-        processes,
+        steal: measured.steal,
+        generator: measured.generator,
+        processes: measured.processes,
     }
     .against(None, Some(upstream::BROKER));
     report.figures.push(ceiling.clone());
@@ -837,7 +854,7 @@ async fn ng_figures(
     progress(&name);
     let load = spec(Mode::Closed)?;
     let from_us = records::now_us() + micros(options.warmup);
-    let (result, generator, processes) = measure(load.clone(), services()).await?;
+    let (result, measured) = measure(load.clone(), services()).await?;
     let to_us = from_us + micros(options.duration);
     let end_us = records::now_us();
     let (lost, in_window, last) = arrivals(
@@ -847,7 +864,7 @@ async fn ng_figures(
         options.drain_timeout,
     )
     .await?;
-    let mut f = figure(Scenario::Ng, name, &load, &result, generator, processes);
+    let mut f = figure(Scenario::Ng, name, &load, &result, measured);
     #[allow(clippy::cast_precision_loss)]
     let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
     f.delivered_rate = Some(delivered);
@@ -863,7 +880,7 @@ async fn ng_figures(
     progress(&format!("{name} ({rate:.0}/s)"));
     let load = spec(Mode::Open(rate))?;
     let from_us = records::now_us() + micros(options.warmup);
-    let (result, generator, processes) = measure(load.clone(), services()).await?;
+    let (result, measured) = measure(load.clone(), services()).await?;
     let to_us = from_us + micros(options.duration);
     let end_us = records::now_us();
     let (lost, in_window, last) = arrivals(
@@ -873,7 +890,7 @@ async fn ng_figures(
         options.drain_timeout,
     )
     .await?;
-    let mut f = figure(Scenario::Ng, name, &load, &result, generator, processes);
+    let mut f = figure(Scenario::Ng, name, &load, &result, measured);
     #[allow(clippy::cast_precision_loss)]
     let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
     f.delivered_rate = Some(delivered);
@@ -1025,7 +1042,7 @@ fn checks(figures: &[Figure], most: usize) -> Vec<Check> {
 /// The report as a text table.
 pub fn table(report: &Report) -> String {
     let mut out = format!(
-        "{:<34} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:<20} {:>8}\n",
+        "{:<30} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:<24} {:>7} {:>5}\n",
         "figure",
         "rate/s",
         "p50 ms",
@@ -1036,7 +1053,8 @@ pub fn table(report: &Report) -> String {
         "lost",
         "drain",
         "busiest service",
-        "gen CPU"
+        "gen CPU",
+        "steal"
     );
     for f in &report.figures {
         let rate = f.delivered_rate.unwrap_or(f.rate);
@@ -1049,7 +1067,7 @@ pub fn table(report: &Report) -> String {
                 format!("{} {:.0}% {:.0}M", p.name, p.cores * 100.0, p.rss_peak_mib)
             });
         out.push_str(&format!(
-            "{:<34} {:>9.0} {:>7.2} {:>7.2} {:>7.1} {:>7} {:>8} {:>6} {:>6} {:<20} {:>7.0}%\n",
+            "{:<30} {:>9.0} {:>7.2} {:>7.2} {:>7.1} {:>7} {:>8} {:>6} {:>6} {:<24} {:>6.0}% {:>4.0}%\n",
             f.name,
             rate,
             f.p50_ms,
@@ -1061,6 +1079,7 @@ pub fn table(report: &Report) -> String {
             opt(f.drain_s, &|d| format!("{d:.2}s")),
             busiest,
             f.generator.cores * 100.0,
+            f.steal * 100.0,
         ));
         if f.errors > 0 {
             out.push_str(&format!(
@@ -1069,6 +1088,14 @@ pub fn table(report: &Report) -> String {
                 f.first_error.as_deref().unwrap_or("?")
             ));
         }
+    }
+    let steal = report.figures.iter().map(|f| f.steal).fold(0.0, f64::max);
+    if steal > 0.05 {
+        out.push_str(&format!(
+            "note: the hypervisor took up to {:.0} % of this machine's CPU time during a figure \
+             (steal); such figures understate what the code does\n",
+            steal * 100.0
+        ));
     }
     out.push('\n');
     for c in &report.checks {

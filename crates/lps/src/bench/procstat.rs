@@ -90,6 +90,25 @@ pub struct ProcessFigures {
     pub rss_peak_mib: f64,
 }
 
+/// (stolen, total) clock ticks of the whole machine so far, from `/proc/stat`: time the
+/// hypervisor gave this virtual machine's CPUs to someone else.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total = ticks.iter().take(8).sum();
+    (ticks.get(7).copied().unwrap_or(0), total)
+}
+
 /// A window being measured over some processes.
 #[derive(Debug)]
 pub struct Window {
@@ -97,6 +116,7 @@ pub struct Window {
     start_cpu: Vec<f64>,
     idle_rss: Vec<f64>,
     started: std::time::Instant,
+    machine: (u64, u64),
 }
 
 impl Window {
@@ -112,7 +132,21 @@ impl Window {
             start_cpu,
             idle_rss,
             started: std::time::Instant::now(),
+            machine: machine_ticks(),
         }
+    }
+
+    /// Share of the machine's CPU time stolen by the hypervisor since the start (0..1).
+    /// Figures measured while it is high say more about the neighbours than about LPS.
+    pub fn steal(&self) -> f64 {
+        let (steal, total) = machine_ticks();
+        let total = total.saturating_sub(self.machine.1);
+        if total == 0 {
+            return 0.0;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let share = steal.saturating_sub(self.machine.0) as f64 / total as f64;
+        share
     }
 
     /// The figures from the start until now.
