@@ -57,6 +57,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Largest read buffer of an HTTP/1.1 connection.
+pub const MAX_READ_BUFFER: usize = 64 << 10;
+
 /// Serves `app` on `listener` until `shutdown` fires, then lets in-flight requests finish
 /// for at most `grace`.
 ///
@@ -75,6 +78,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive(true)
         .pipeline_flush(true)
+        // A connection's read buffer grows up to this while a large body streams in
+        // (hyper's default is ~400 KiB, per connection); request heads fit easily.
+        .max_buf_size(MAX_READ_BUFFER)
         .header_read_timeout(Duration::from_secs(30));
     builder
         .http2()
