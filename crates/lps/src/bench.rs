@@ -776,18 +776,7 @@ async fn ng_figures(
     let window = Window::start(all);
     let result = run.await??;
     let measured = Measured::of(&window);
-    let quantile = |q: f64| {
-        if result.latencies_us.is_empty() {
-            return 0.0;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
-        let i = ((result.latencies_us.len() - 1) as f64 * q).round() as usize;
-        f64::from(result.latencies_us[i]) / 1000.0
-    };
+    let quantile = |q: f64| generator::quantile_ms(&result.latencies_us, q);
     let seconds = result.elapsed.as_secs_f64().max(1e-9);
     #[allow(clippy::cast_precision_loss)]
     let ceiling = Figure {
@@ -852,24 +841,8 @@ async fn ng_figures(
     // Sustainable: closed loop, counting arrivals at the simulator in the window.
     let name = format!("ng http1 c{most}");
     progress(&name);
-    let load = spec(Mode::Closed)?;
-    let from_us = records::now_us() + micros(options.warmup);
-    let (result, measured) = measure(load.clone(), services()).await?;
-    let to_us = from_us + micros(options.duration);
-    let end_us = records::now_us();
-    let (lost, in_window, last) = arrivals(
-        &ledger,
-        &result.ids,
-        (from_us, to_us),
-        options.drain_timeout,
-    )
-    .await?;
-    let mut f = figure(Scenario::Ng, name, &load, &result, measured);
-    #[allow(clippy::cast_precision_loss)]
-    let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
-    f.delivered_rate = Some(delivered);
-    f.lost = Some(lost);
-    f.drain_s = Some(seconds_after(last, end_us));
+    let f = ng_figure(options, name, spec(Mode::Closed)?, services(), &ledger).await?;
+    let delivered = f.delivered_rate.unwrap_or(0.0);
     report
         .figures
         .push(f.against(Some(&ceiling), Some(upstream::NG_DELIVERED)));
@@ -878,26 +851,33 @@ async fn ng_figures(
     let rate = (delivered * 0.8).max(1.0);
     let name = format!("ng http1 c{most} open 80%");
     progress(&format!("{name} ({rate:.0}/s)"));
-    let load = spec(Mode::Open(rate))?;
+    let f = ng_figure(options, name, spec(Mode::Open(rate))?, services(), &ledger).await?;
+    report.figures.push(f.against(Some(&ceiling), None));
+    Ok(())
+}
+
+/// One NG load: what arrived at the simulator in the window, what never did, and how
+/// long after the load the last acknowledged alarm arrived.
+async fn ng_figure(
+    options: &BenchOptions,
+    name: String,
+    load: LoadSpec,
+    services: Vec<Watched>,
+    ledger: &Path,
+) -> anyhow::Result<Figure> {
     let from_us = records::now_us() + micros(options.warmup);
-    let (result, measured) = measure(load.clone(), services()).await?;
+    let (result, measured) = measure(load.clone(), services).await?;
     let to_us = from_us + micros(options.duration);
     let end_us = records::now_us();
-    let (lost, in_window, last) = arrivals(
-        &ledger,
-        &result.ids,
-        (from_us, to_us),
-        options.drain_timeout,
-    )
-    .await?;
+    let (lost, in_window, last) =
+        arrivals(ledger, &result.ids, (from_us, to_us), options.drain_timeout).await?;
     let mut f = figure(Scenario::Ng, name, &load, &result, measured);
     #[allow(clippy::cast_precision_loss)]
     let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
     f.delivered_rate = Some(delivered);
     f.lost = Some(lost);
     f.drain_s = Some(seconds_after(last, end_us));
-    report.figures.push(f.against(Some(&ceiling), None));
-    Ok(())
+    Ok(f)
 }
 
 fn micros(d: Duration) -> u64 {

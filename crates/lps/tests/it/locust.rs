@@ -12,7 +12,8 @@ use lps::records::{ClientRecord, FinalStatus, RequestKind, read_jsonl};
 use lps_common::request_id::RequestId;
 use lps_common::wire::STORE_COMMAND;
 use rast_simulator::journal::LedgerRecord;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::Up;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -45,97 +46,6 @@ async fn locust() -> &'static Path {
             path
         })
         .await
-}
-
-/// A running `lps up ng --broker mosquitto --ephemeral-ports`.
-struct Up {
-    child: tokio::process::Child,
-    run: PathBuf,
-    entries: Vec<String>,
-    simulator: String,
-}
-
-impl Up {
-    async fn start(run: PathBuf) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
-            .args([
-                "up",
-                "ng",
-                "--broker",
-                "mosquitto",
-                "--ephemeral-ports",
-                "--out",
-            ])
-            .arg(&run)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut entries = Vec::new();
-        let mut simulator = String::new();
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                match words.as_slice() {
-                    [_, url, "entry"] => entries.push((*url).to_owned()),
-                    ["ars-comp-3", url] => simulator = (*url).to_owned(),
-                    _ => {}
-                }
-                if line.contains("press Ctrl-C") {
-                    return;
-                }
-            }
-            panic!("lps up ended before the topology was up");
-        })
-        .await
-        .expect("topology up within 60 s");
-        // Keep reading: `lps up` prints while it stops, and a closed pipe would fail it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        assert_eq!(entries.len(), 3, "three entry services");
-        assert!(simulator.starts_with("http://127.0.0.1:"), "{simulator}");
-        Self {
-            child,
-            run,
-            entries,
-            simulator,
-        }
-    }
-
-    /// SIGINT, as Ctrl-C; `lps up` must stop cleanly.
-    async fn stop(mut self) {
-        self.interrupt();
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("lps up stops within 30 s")
-            .unwrap();
-        assert!(status.success(), "lps up: {status}");
-    }
-
-    fn interrupt(&self) {
-        if let Some(id) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(id).unwrap());
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        }
-    }
-}
-
-impl Drop for Up {
-    /// A failed test still stops the services: `kill_on_drop`'s SIGKILL alone would leave
-    /// them running without `lps up`.
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.interrupt();
-            for _ in 0..200 {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
 }
 
 /// Runs one Locust file headless on `users` users for `seconds` s, writing
@@ -236,7 +146,7 @@ async fn alarms_reach_the_simulator(http2: bool) {
     let dir = tmp.path();
     // Install before the topology starts: on a fresh machine that takes half a minute.
     locust().await;
-    let up = Up::start(dir.join("run")).await;
+    let up = Up::start(&["ng", "--broker", "mosquitto"], dir.join("run")).await;
     let alarms_env = [
         ("LPS_ENTRIES", up.entries.join(",")),
         ("USE_HTTP_2", http2.to_string()),

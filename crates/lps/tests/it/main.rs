@@ -6,4 +6,5 @@ mod compose;
 mod demo;
 mod load;
 mod locust;
+mod support;
 mod up;

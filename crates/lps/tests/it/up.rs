@@ -1,12 +1,12 @@
 //! `lps up` starts a topology as processes, serves alarms end to end, and stops every
 //! process on SIGINT.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::StatusCode;
 use lps_testkit::{eventually, http1_client};
-use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::Up;
 
 #[tokio::test]
 async fn up_legacy_serves_alarms_end_to_end_and_stops_on_sigint() {
@@ -40,39 +40,8 @@ async fn up_serves_alarms_and_stops(topology: &str, graceful: &[&str]) {
 
 async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
-        .args([
-            "up",
-            topology,
-            "--broker",
-            broker,
-            "--ephemeral-ports",
-            "--out",
-        ])
-        .arg(&run)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut entries = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.trim_end().ends_with("entry") {
-                entries.push(line.split_whitespace().nth(1).unwrap().to_owned());
-            }
-            if line.contains("press Ctrl-C") {
-                return;
-            }
-        }
-        panic!("lps up ended before the topology was up");
-    })
-    .await
-    .expect("topology up within 60 s");
-    assert_eq!(entries.len(), 3, "three entry services");
-
+    let up = Up::start(&[topology, "--broker", broker], dir.path().join("run")).await;
+    let (run, entries) = (up.run.clone(), up.entries.clone());
     let client = http1_client();
     for (i, entry) in entries.iter().enumerate() {
         let response = client
@@ -100,13 +69,7 @@ async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful:
     )
     .await;
 
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+    up.stop().await;
     for entry in &entries {
         assert!(
             client.get(format!("{entry}/healthz")).send().await.is_err(),
@@ -125,25 +88,8 @@ async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful:
 #[tokio::test]
 async fn fault_stops_and_restarts_the_services_of_a_running_up() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
-        .args(["up", "legacy", "--ephemeral-ports", "--out"])
-        .arg(&run)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut entry = String::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if line.trim_end().ends_with("entry") && entry.is_empty() {
-            entry = line.split_whitespace().nth(1).unwrap().to_owned();
-        }
-        if line.contains("press Ctrl-C") {
-            break;
-        }
-    }
+    let up = Up::start(&["legacy"], dir.path().join("run")).await;
+    let (run, entry) = (up.run.clone(), up.entries[0].clone());
     let fault = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
         .args(["fault", "--faults", "chain", "--scale", "0.02", "--run"])
         .arg(&run)
@@ -190,7 +136,5 @@ async fn fault_stops_and_restarts_the_services_of_a_running_up() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    assert!(up.wait().await.unwrap().success());
+    up.stop().await;
 }

@@ -1,0 +1,97 @@
+//! Helpers shared by the tests of `lps` as a process.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A running `lps up` (as a real process), stopped with SIGINT like Ctrl-C, also when a
+/// test fails: `kill_on_drop`'s SIGKILL alone would leave its services running.
+pub struct Up {
+    pub child: tokio::process::Child,
+    pub run: PathBuf,
+    /// Entry base URLs, in order.
+    pub entries: Vec<String>,
+    /// The simulator's base URL.
+    pub simulator: String,
+}
+
+impl Up {
+    /// `lps up <args> --ephemeral-ports --out <run>`; returns once it is up.
+    pub async fn start(args: &[&str], run: PathBuf) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
+            .arg("up")
+            .args(args)
+            .args(["--ephemeral-ports", "--out"])
+            .arg(&run)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut entries = Vec::new();
+        let mut simulator = String::new();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    [_, url, "entry"] => entries.push((*url).to_owned()),
+                    ["ars-comp-3", url] => simulator = (*url).to_owned(),
+                    _ => {}
+                }
+                if line.contains("press Ctrl-C") {
+                    return;
+                }
+            }
+            panic!("lps up ended before the topology was up");
+        })
+        .await
+        .expect("topology up within 60 s");
+        // Keep reading: `lps up` prints while it stops, and a closed pipe would fail it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        assert_eq!(entries.len(), 3, "three entry services");
+        assert!(simulator.starts_with("http://127.0.0.1:"), "{simulator}");
+        Self {
+            child,
+            run,
+            entries,
+            simulator,
+        }
+    }
+
+    /// SIGINT, as Ctrl-C; `lps up` must stop cleanly.
+    pub async fn stop(mut self) {
+        self.interrupt();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("lps up stops within 30 s")
+            .unwrap();
+        assert!(status.success(), "lps up: {status}");
+    }
+
+    fn interrupt(&self) {
+        if let Some(id) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(id).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+    }
+}
+
+impl Drop for Up {
+    /// A failed test still stops the services: `kill_on_drop`'s SIGKILL alone would leave
+    /// them running without `lps up`.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.interrupt();
+            for _ in 0..200 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
