@@ -20,7 +20,7 @@ import os
 import random
 import time
 
-from locust import User, constant_pacing, events, task
+from locust import User, constant_pacing, task
 
 import lps_locust
 
@@ -49,20 +49,7 @@ BACKGROUND_COMMANDS = [
 RNG = random.Random(lps_locust.env_int("LPS_SEED", 42))
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-CLIENT = lps_locust.http_client(http2=False)
-LEDGER = lps_locust.Ledger(None)
-
-
-@events.init.add_listener
-def _open_ledger(environment, **_kwargs):
-    global LEDGER
-    LEDGER = lps_locust.Ledger(os.environ.get("LPS_LEDGER"))
-
-
-@events.quit.add_listener
-def _close(**_kwargs):
-    LEDGER.close()
-    CLIENT.close()
+SESSION = lps_locust.Session(http2=False)
 
 
 class CommandFailed(Exception):
@@ -94,7 +81,7 @@ class BackgroundProduction(User):
         length = 0
         exception = None
         try:
-            response = CLIENT.post(f"{self.simulator}/{command}", content=b"{}")
+            response = SESSION.client.post(f"{self.simulator}/{command}", content=b"{}")
             status = response.status_code
             length = len(response.content)
             if not 200 <= status < 300:
@@ -109,7 +96,7 @@ class BackgroundProduction(User):
             exception=exception,
             context={},
         )
-        LEDGER.write(
+        SESSION.ledger.write(
             lps_locust.record(
                 id="",
                 kind="background",

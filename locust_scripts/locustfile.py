@@ -31,13 +31,12 @@ Environment:
 import itertools
 import json
 import logging
-import os
 import random
 import time
 from datetime import datetime, timezone
 
 import gevent
-from locust import User, constant, events, task
+from locust import User, constant, task
 from locust.user.task import LOCUST_STATE_STOPPING
 
 import lps_locust
@@ -59,20 +58,7 @@ LOGGER = logging.getLogger("AlarmDevice")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # Built once per process; greenlets share its pool (h2c: one multiplexed connection per entry).
-CLIENT = lps_locust.http_client(HTTP2)
-LEDGER = lps_locust.Ledger(None)
-
-
-@events.init.add_listener
-def _open_ledger(environment, **_kwargs):
-    global LEDGER
-    LEDGER = lps_locust.Ledger(os.environ.get("LPS_LEDGER"))
-
-
-@events.quit.add_listener
-def _close(**_kwargs):
-    LEDGER.close()
-    CLIENT.close()
+SESSION = lps_locust.Session(HTTP2)
 
 
 class AttemptFailed(Exception):
@@ -145,7 +131,7 @@ class AlarmDevice(User):
                 endpoints.append(base)
                 attempt_started = time.perf_counter()
                 try:
-                    response = CLIENT.post(base + ALARM_PATH, content=body, headers=headers)
+                    response = SESSION.client.post(base + ALARM_PATH, content=body, headers=headers)
                     last_status = response.status_code
                     http_version = response.http_version
                     if 200 <= response.status_code < 300:
@@ -197,4 +183,4 @@ class AlarmDevice(User):
             )
             # Beyond ClientRecord: the protocol of the last answer (`HTTP/1.1`, `HTTP/2`).
             line["http_version"] = http_version
-            LEDGER.write(line)
+            SESSION.ledger.write(line)

@@ -10,6 +10,7 @@ import os
 import time
 
 import httpx
+from locust import events
 
 # The compose host ports of ars-comp-1-{1,2,3} on this machine.
 DEFAULT_ENTRIES = "http://127.0.0.1:7081,http://127.0.0.1:7082,http://127.0.0.1:7083"
@@ -22,24 +23,24 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def env_float(name: str, default: float) -> float:
+def env_number(name: str, default, kind=float):
+    """`name` from the environment as `kind` (float or int), or `default` when unset."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"error: {name}={raw!r} is not a number") from None
+        what = "an integer" if kind is int else "a number"
+        raise SystemExit(f"error: {name}={raw!r} is not {what}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    return env_number(name, default, float)
 
 
 def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"error: {name}={raw!r} is not an integer") from None
+    return env_number(name, default, int)
 
 
 def split_urls(value: str) -> list[str]:
@@ -143,3 +144,21 @@ def record(
         "last_status": last_status,
         "status": "ok" if success_us is not None else "failed",
     }
+
+
+class Session:
+    """A Locust file's HTTP client and client ledger. The ledger opens when Locust starts
+    (`LPS_LEDGER`, none when unset); both close when Locust quits."""
+
+    def __init__(self, http2: bool):
+        self.client = http_client(http2)
+        self.ledger = Ledger(None)
+        events.init.add_listener(self._open)
+        events.quit.add_listener(self._close)
+
+    def _open(self, environment, **_kwargs):
+        self.ledger = Ledger(os.environ.get("LPS_LEDGER"))
+
+    def _close(self, **_kwargs):
+        self.ledger.close()
+        self.client.close()
