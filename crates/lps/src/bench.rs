@@ -324,16 +324,11 @@ fn figure(
 }
 
 impl Figure {
+    /// Records what this figure is compared with; [`rebase`] computes the ratios once the
+    /// reported figures are known.
     fn against(mut self, ceiling: Option<&Figure>, upstream: Option<f64>) -> Self {
-        let rate = self.delivered_rate.unwrap_or(self.rate);
-        if let Some(ceiling) = ceiling {
-            self.ceiling = Some(ceiling.name.clone());
-            self.ratio = Some(rate / ceiling.rate.max(1e-9));
-        }
-        if let Some(upstream) = upstream {
-            self.upstream = Some(upstream);
-            self.vs_upstream = Some(rate / upstream);
-        }
+        self.ceiling = ceiling.map(|c| c.name.clone());
+        self.upstream = upstream;
         self
     }
 }

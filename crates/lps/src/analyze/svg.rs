@@ -195,6 +195,20 @@ fn range(values: impl Iterator<Item = f64>, log: bool, zero: bool) -> (f64, f64)
     ((min / step).floor() * step, (max / step).ceil() * step)
 }
 
+/// Horizontal grid lines at `y`'s ticks from `x0` to `x1`, labelled on the left.
+fn y_grid(out: &mut String, y: &Scale, x0: f64, x1: f64) {
+    for t in y.ticks() {
+        let py = y.map(t);
+        let _ = write!(
+            out,
+            r##"<line x1="{x0}" y1="{py:.1}" x2="{x1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            x0 - 4.0,
+            py + 4.0,
+            esc(&fmt_num(t))
+        );
+    }
+}
+
 fn frame(out: &mut String, id: &str, x: &Scale, y: &Scale, x_label: &str, y_label: &str) {
     let _ = write!(
         out,
@@ -217,16 +231,7 @@ fn frame(out: &mut String, id: &str, x: &Scale, y: &Scale, x_label: &str, y_labe
             esc(&fmt_num(t))
         );
     }
-    for t in y.ticks() {
-        let py = y.map(t);
-        let _ = write!(
-            out,
-            r##"<line x1="{x0}" y1="{py:.1}" x2="{x1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            x0 - 4.0,
-            py + 4.0,
-            esc(&fmt_num(t))
-        );
-    }
+    y_grid(out, y, x0, x1);
     let _ = write!(
         out,
         r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text><text transform="translate(14 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
@@ -381,16 +386,7 @@ pub(crate) fn bars(id: &str, labels: &[String], values: &[f64], y_label: &str) -
         out,
         r##"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#999"/><line x1="{x0}" y1="{TOP}" x2="{x0}" y2="{y0}" stroke="#999"/>"##
     );
-    for t in y.ticks() {
-        let py = y.map(t);
-        let _ = write!(
-            out,
-            r##"<line x1="{x0}" y1="{py:.1}" x2="{x1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            x0 - 4.0,
-            py + 4.0,
-            esc(&fmt_num(t))
-        );
-    }
+    y_grid(&mut out, &y, x0, x1);
     let _ = write!(
         out,
         r#"<text transform="translate(14 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,

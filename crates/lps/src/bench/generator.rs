@@ -136,7 +136,8 @@ enum Sender {
 struct Connection {
     target: Target,
     sender: Sender,
-    authority: String,
+    /// The `Host` header, built once per connection.
+    host: http::HeaderValue,
     uri: http::Uri,
 }
 
@@ -166,7 +167,7 @@ impl Connection {
         Ok(Self {
             target: target.clone(),
             sender,
-            authority,
+            host: http::HeaderValue::try_from(authority)?,
             uri,
         })
     }
@@ -174,7 +175,7 @@ impl Connection {
     /// Sends one request and reads the whole answer; its status.
     async fn send(&mut self, body: &Bytes, id: u64) -> anyhow::Result<StatusCode> {
         let request = Request::post(self.uri.clone())
-            .header(header::HOST, &self.authority)
+            .header(header::HOST, self.host.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header("request-id", http::HeaderValue::from(id))
             .body(Full::new(body.clone()))?;
