@@ -629,18 +629,18 @@ async fn arrivals(
 ) -> anyhow::Result<(u64, u64, u64)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let wanted: HashSet<String> = ids.iter().map(u64::to_string).collect();
+    let mut tail = records::JsonlTail::new(ledger);
+    let mut seen = HashSet::new();
+    let (mut in_window, mut last) = (0, 0);
     loop {
-        let records: Vec<rast_simulator::journal::LedgerRecord> = records::read_jsonl(ledger)?;
-        let mut seen = HashSet::new();
-        let mut in_window = 0;
-        let mut last = 0;
-        for record in records.iter().filter(|r| r.status == 200) {
+        let records: Vec<rast_simulator::journal::LedgerRecord> = tail.read_new()?;
+        for record in records.into_iter().filter(|r| r.status == 200) {
             if wanted.contains(&record.uid) {
-                seen.insert(record.uid.as_str());
                 last = last.max(record.start_us);
                 if (window.0..window.1).contains(&record.start_us) {
                     in_window += 1;
                 }
+                seen.insert(record.uid);
             }
         }
         let missing = (wanted.len() - seen.len()) as u64;

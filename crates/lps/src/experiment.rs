@@ -610,8 +610,9 @@ async fn drain(dir: &Path, timeout: Duration) -> anyhow::Result<Option<u64>> {
     let ledger = dir.join("logs").join(rast_simulator::journal::LEDGER_FILE);
     let deadline = tokio::time::Instant::now() + timeout;
     let total = waiting.len();
+    let mut tail = records::JsonlTail::new(&ledger);
     loop {
-        let arrived: Vec<rast_simulator::journal::LedgerRecord> = records::read_jsonl(&ledger)?;
+        let arrived: Vec<rast_simulator::journal::LedgerRecord> = tail.read_new()?;
         for record in arrived {
             if record.status == 200 {
                 waiting.remove(&record.uid);

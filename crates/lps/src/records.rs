@@ -173,6 +173,53 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
     Ok(out)
 }
 
+/// Follows a JSON-lines file another process appends to: each [`JsonlTail::read_new`]
+/// parses only the complete lines written since the last call, so polling a growing
+/// ledger reads each line once and never a half-written one.
+#[derive(Debug)]
+pub struct JsonlTail {
+    path: std::path::PathBuf,
+    offset: u64,
+}
+
+impl JsonlTail {
+    /// Follows `path` from its beginning (a missing file reads as empty).
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            offset: 0,
+        }
+    }
+
+    /// The records of the lines completed since the last call.
+    pub fn read_new<T: DeserializeOwned>(&mut self) -> io::Result<Vec<T>> {
+        use std::io::{Read, Seek};
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        file.seek(io::SeekFrom::Start(self.offset))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let mut out = Vec::new();
+        for line in bytes[..complete].split(|&b| b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            out.push(serde_json::from_slice(line).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} at byte {}: {e}", self.path.display(), self.offset),
+                )
+            })?);
+        }
+        self.offset += complete as u64;
+        Ok(out)
+    }
+}
+
 /// Appends `records` to a JSON-lines file.
 pub fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> io::Result<()> {
     let file = std::fs::OpenOptions::new()
@@ -185,4 +232,30 @@ pub fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> io::Result<()> 
         out.write_all(b"\n")?;
     }
     out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_reads_each_complete_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let mut tail = JsonlTail::new(&path);
+        assert!(tail.read_new::<u32>().unwrap().is_empty(), "missing file");
+        std::fs::write(&path, "1\n2\n3").unwrap();
+        assert_eq!(
+            tail.read_new::<u32>().unwrap(),
+            [1, 2],
+            "half-written 3 waits"
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"4\n\n5\n").unwrap();
+        assert_eq!(tail.read_new::<u32>().unwrap(), [34, 5]);
+        assert!(tail.read_new::<u32>().unwrap().is_empty());
+    }
 }
