@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dead_letters;
 pub mod dns;
 pub mod metrics;
 pub mod mqtt;

@@ -31,6 +31,39 @@ pub const ATTEMPT_PROPERTY: &str = "attempt";
 /// MQTT v5 user property that marks a subscriber probe; its value is the reply topic.
 pub const PROBE_PROPERTY: &str = "lps-probe";
 
+/// The topic subscriber probes travel on. It matches none of the traffic filters
+/// ([`bridge_filters`]), so a subscriber that does not speak the probe (upstream's
+/// legacy_proxy_2) never receives one, and legacy-proxy-2 hears it on a control connection
+/// of its own whose session holds no backlog: an answer never waits behind traffic.
+///
+/// A probe is a QoS 1 message whose payload is an opaque token and whose
+/// [`PROBE_PROPERTY`] names the reply topic; a legacy-proxy-2 whose traffic subscriptions
+/// are live on its current connection publishes the same token to the reply topic (QoS 1).
+pub const PROBE_TOPIC: &str = "lps/probe/request";
+
+/// MQTT v5 user property carrying the earliest time (Unix milliseconds) a retried message
+/// may be attempted again.
+pub const NOT_BEFORE_PROPERTY: &str = "not-before";
+
+/// MQTT v5 user property naming the topic a dead letter (or a retry) came from.
+pub const SOURCE_TOPIC_PROPERTY: &str = "source-topic";
+
+/// MQTT v5 user property naming the legacy-proxy-2 instance that dead-lettered a message.
+pub const DEAD_LETTERED_BY_PROPERTY: &str = "dead-lettered-by";
+
+/// MQTT v5 user property with the time (RFC 3339, UTC) a message was dead-lettered.
+pub const DEAD_LETTERED_AT_PROPERTY: &str = "dead-lettered-at";
+
+/// The default dead-letter topic prefix (`DEAD_LETTER_TOPIC`).
+pub const DEAD_LETTER_TOPIC: &str = "legacy_proxy/dead_letter";
+
+/// The topic of one dead letter: `<prefix>/<key>`, published *retained* with QoS 2, so the
+/// broker keeps it (and persists it) with no subscriber present; `key` is unique
+/// (a UUID v7, time-ordered). Clearing it is a retained publish with an empty payload.
+pub fn dead_letter_topic(prefix: &str, key: &str) -> String {
+    format!("{prefix}/{key}")
+}
+
 /// MQTT v5 user property naming why a message was dead-lettered.
 pub const DEAD_LETTER_REASON_PROPERTY: &str = "dead-letter-reason";
 
@@ -54,3 +87,9 @@ pub fn bridge_filters(group: &str) -> [String; 2] {
         format!("$share/{group}/+/retry/message"),
     ]
 }
+
+/// The largest message payload the bridges carry, by default (`MAX_PAYLOAD_BYTES` in both):
+/// legacy-proxy-1 refuses a larger one with 413 before publishing, so whatever it
+/// acknowledges, legacy-proxy-2 can forward. 1 MiB is far above an alarm (~150 bytes) and
+/// below Mosquitto 2.1's default packet limit (2,000,000 bytes).
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;

@@ -7,6 +7,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod dead_letters;
 pub mod experiment;
 pub mod faults;
 pub mod load;

@@ -289,6 +289,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// List or replay legacy-proxy-2's dead letters (retained on the broker).
+    DeadLetters(lps::dead_letters::DeadLettersArgs),
     /// Run one service in the foreground (what `up` starts for each process).
     #[command(hide = true)]
     Service {
@@ -567,6 +569,7 @@ fn main() -> ExitCode {
             println!("figures: {}", options.out.join("bench.json").display());
             Ok(())
         }),
+        Command::DeadLetters(args) => block_on(lps::dead_letters::run(args)),
         Command::Analyze { runs, out } => block_on(async move {
             let out = out.unwrap_or_else(|| runs[0].clone());
             let summaries = lps::analyze::write_report(&runs, &out)?;
