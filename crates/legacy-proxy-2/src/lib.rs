@@ -1,55 +1,75 @@
 //! legacy-proxy-2: the MQTT → HTTP bridge.
 //!
-//! Subscribes to `$share/legacy_proxy/+/message` and `$share/legacy_proxy/+/retry/message`
-//! (QoS `MQTT_QOS`, deferred acknowledgements, persistent session) and forwards each
-//! payload with `POST TARGET_URL` (h2c when `USE_HTTP_2`) and `Request-Id` from the
-//! payload. A message is acknowledged only
+//! Subscribes to `$share/legacy_proxy/+/message` (first deliveries) and
+//! `$share/legacy_proxy/+/retry/message` (retries) at `MQTT_QOS` with deferred
+//! acknowledgements and persistent sessions, and forwards each payload with
+//! `POST TARGET_URL` (h2c when `USE_HTTP_2`) and `Request-Id` from the payload. A message is
+//! acknowledged only
 //!
 //! - after the target answered 2xx, or
-//! - after it was republished (QoS 2, PUBCOMP received) to `<SERVICE_NAME>/retry/message`
-//!   with its attempt count (MQTT v5 user property `attempt`) incremented, following a
-//!   backoff of `RETRY_BACKOFF_MS` doubling up to `RETRY_BACKOFF_MAX_MS`, or
-//! - after it was published to `DEAD_LETTER_TOPIC` with a reason (user property
-//!   `dead-letter-reason`): when `MAX_ATTEMPTS` is reached, when the target rejects it with
-//!   a 4xx (retrying the same payload cannot help), or when the payload is not a JSON object
-//!   with a decimal `request_id`, or larger than `MAX_PAYLOAD_BYTES`.
+//! - after it was republished (PUBCOMP received) to `<SERVICE_NAME>/retry/message` with its
+//!   attempt count (MQTT v5 user property `attempt`) incremented and the earliest time of
+//!   its next attempt (`not-before`): transient failures (connect errors, timeouts, 5xx,
+//!   408, 429) are retried without limit by default, so an outage of any length is a
+//!   backlog in the broker, never a loss; or
+//! - after it was published as a durable dead letter: *retained*, QoS 2, to
+//!   `<DEAD_LETTER_TOPIC>/<key>` (see [`lps_common::dead_letters`]), only for failures
+//!   retrying cannot mend: a payload that is not a JSON object with a decimal `request_id`
+//!   or is larger than `MAX_PAYLOAD_BYTES`, a 4xx other than 408/429, a handler panic, or
+//!   the optional `MAX_ATTEMPTS` reached. The broker keeps a retained message with no
+//!   subscriber, across restarts; `lps dead-letters list|replay` reads and replays them.
 //!
-//! Nothing is dropped: a message that cannot be republished stays unacknowledged, and the
-//! broker redelivers it. At most `MQTT_RECEIVE_MAXIMUM` messages are in flight (announced
-//! to the broker as the MQTT v5 Receive Maximum, and enforced here too since some brokers
-//! ignore it); acknowledgements leave in arrival order as MQTT requires.
+//! No head-of-line blocking: each instance runs three MQTT clients. The traffic client
+//! (`SERVICE_NAME`) takes first deliveries and never waits: a message that fails goes to the
+//! retry topic at once. The retry client (`<SERVICE_NAME>-retry`) holds a retried message
+//! until its `not-before` time, so a message in a 30 s backoff holds back only other
+//! retries, never traffic or its acknowledgements (MQTT acknowledgements leave in arrival
+//! order per connection). While the target keeps failing, the retry path sends one trial at
+//! a time, paced by the same capped backoff, instead of spinning through the backlog. The
+//! control client (`<SERVICE_NAME>-control`, a session the broker forgets) answers
+//! legacy-proxy-1's subscriber probes on `lps/probe/request` while both subscriptions are
+//! live on their current connections; its session holds no backlog, so an answer never
+//! waits behind traffic.
 //!
-//! Probe messages from legacy-proxy-1 (user property `lps-probe`) are answered on the
-//! reply topic they name and acknowledged; they are never forwarded.
+//! Nothing is dropped: a republish that fails is tried again, and the message stays
+//! unacknowledged (the broker still owns it) meanwhile. A republish to the retry topic waits
+//! until this instance's retry subscription is live (Mosquitto drops a QoS 2 message with a
+//! successful PUBREC while a `$share` group has no member); one that completes only after a
+//! reconnect is published again. At most `MQTT_RECEIVE_MAXIMUM` messages are in flight per
+//! path (announced to the broker as the Receive Maximum and enforced here too).
 //!
-//! Serves `/healthz`, `/readyz` (connected and subscribed) and `/metrics` on `HTTP_PORT`.
+//! Serves `/healthz`, `/readyz` (all three clients connected and subscribed) and
+//! `/metrics` on `HTTP_PORT`.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::StatusCode;
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::mqtt::mqtt5::packet::publish::PublishPacket;
-use lps_common::mqtt::mqtt5::{AckToken, QoS, SubscribeOptions};
-use lps_common::mqtt::{Link, MqttConfig};
+use lps_common::mqtt::mqtt5::{AckToken, PublishOptions, QoS, SubscribeOptions};
+use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
 use lps_common::request_id::RequestId;
 use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig, UpstreamError};
 use lps_common::wire::{
-    ATTEMPT_PROPERTY, DEAD_LETTER_REASON_PROPERTY, PROBE_PROPERTY, SHARE_GROUP, bridge_filters,
-    retry_topic,
+    ATTEMPT_PROPERTY, NOT_BEFORE_PROPERTY, PROBE_PROPERTY, PROBE_TOPIC, SHARE_GROUP,
+    SOURCE_TOPIC_PROPERTY, bridge_filters, retry_topic,
 };
-use lps_common::{Registry, api, finish_router, service};
+use lps_common::{Registry, api, dead_letters, finish_router, service};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -67,26 +87,30 @@ pub struct Config {
     pub server: ServerConfig,
     /// Logging.
     pub telemetry: TelemetryConfig,
-    /// Broker connection.
+    /// Broker connection of the traffic client; the retry and control clients use the
+    /// same settings with `-retry` and `-control` appended to the client id.
     pub mqtt: MqttConfig,
     /// Where messages are forwarded.
     pub upstream: UpstreamConfig,
     /// `MQTT_SHARE_GROUP`: the shared-subscription group (default `legacy_proxy`).
     pub group: String,
-    /// `MQTT_RECEIVE_MAXIMUM`: messages in flight at once (default 32; upstream used 1).
+    /// `MQTT_RECEIVE_MAXIMUM`: messages in flight at once on each path, traffic and retry
+    /// (default 32; upstream used 1).
     pub receive_maximum: u16,
-    /// `MAX_ATTEMPTS`: deliveries before a message goes to the dead-letter topic (default 10).
+    /// `MAX_ATTEMPTS`: deliveries before a message is dead-lettered; 0 (the default) means
+    /// no limit: transient failures are retried for as long as they last.
     pub max_attempts: u32,
-    /// `RETRY_BACKOFF_MS`: wait before the first republish (default 500), doubling.
+    /// `RETRY_BACKOFF_MS`: wait before the first retry (default 500), doubling per attempt.
     pub retry_backoff: Duration,
     /// `RETRY_BACKOFF_MAX_MS`: the longest wait between attempts (default 30000).
     pub retry_backoff_max: Duration,
-    /// `DEAD_LETTER_TOPIC`: where undeliverable messages go (default
-    /// `legacy_proxy/dead_letter`).
+    /// `DEAD_LETTER_TOPIC`: the prefix of the dead letters' topics (default
+    /// `legacy_proxy/dead_letter`; each letter is retained on `<prefix>/<key>`).
     pub dead_letter_topic: String,
-    /// `MAX_PAYLOAD_BYTES`: larger payloads are dead-lettered (default 1 MiB).
+    /// `MAX_PAYLOAD_BYTES`: larger payloads are dead-lettered (default 1 MiB, the same as
+    /// legacy-proxy-1's limit, so whatever it acknowledged can be forwarded).
     pub max_payload_bytes: usize,
-    /// `PUBLISH_TIMEOUT_MS`: how long a republish may take (default 5000).
+    /// `PUBLISH_TIMEOUT_MS`: how long one republish may take (default 5000).
     pub publish_timeout: Duration,
 }
 
@@ -97,7 +121,7 @@ impl Config {
         let dead_letter_topic = lps_common::mqtt::topic_from_env(
             &env,
             "DEAD_LETTER_TOPIC",
-            "legacy_proxy/dead_letter",
+            lps_common::wire::DEAD_LETTER_TOPIC,
         )?;
         let group = env.string("MQTT_SHARE_GROUP", SHARE_GROUP);
         if group.contains(['/', '+', '#']) {
@@ -114,13 +138,25 @@ impl Config {
             upstream: UpstreamConfig::from_env(&env, DEFAULT_TARGET)?,
             group,
             receive_maximum: env.number("MQTT_RECEIVE_MAXIMUM", 32, 1, 65_535)?,
-            max_attempts: env.number("MAX_ATTEMPTS", 10, 1, 1000)?,
+            max_attempts: env.number("MAX_ATTEMPTS", 0, 0, u32::MAX)?,
             retry_backoff: env.millis("RETRY_BACKOFF_MS", Duration::from_millis(500))?,
             retry_backoff_max: env.millis("RETRY_BACKOFF_MAX_MS", Duration::from_secs(30))?,
             dead_letter_topic,
-            max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 1 << 20, 1, 256 << 20)?,
+            max_payload_bytes: env.number(
+                "MAX_PAYLOAD_BYTES",
+                lps_common::wire::MAX_PAYLOAD_BYTES,
+                1,
+                256 << 20,
+            )?,
             publish_timeout: env.millis("PUBLISH_TIMEOUT_MS", Duration::from_secs(5))?,
         })
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.retry_backoff
+            .saturating_mul(factor)
+            .min(self.retry_backoff_max)
     }
 }
 
@@ -137,6 +173,10 @@ struct Metrics {
     dead_lettered: Family<ReasonLabels, Counter>,
     probes: Counter,
     in_flight: Gauge,
+    retry_waiting: Gauge,
+    downstream_failures: Gauge,
+    republish_failures: Counter,
+    stuck: Gauge,
     forward_latency: Histogram,
 }
 
@@ -149,11 +189,15 @@ impl Metrics {
             dead_lettered: Family::default(),
             probes: Counter::default(),
             in_flight: Gauge::default(),
+            retry_waiting: Gauge::default(),
+            downstream_failures: Gauge::default(),
+            republish_failures: Counter::default(),
+            stuck: Gauge::default(),
             forward_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
         };
         registry.register(
             "bridge_received",
-            "Messages received from the broker (probes excluded)",
+            "Messages received from the broker, first deliveries and retries",
             m.received.clone(),
         );
         registry.register(
@@ -163,12 +207,12 @@ impl Metrics {
         );
         registry.register(
             "bridge_retried",
-            "Messages republished to the retry topic",
+            "Messages republished to the retry topic after a transient failure",
             m.retried.clone(),
         );
         registry.register(
             "bridge_dead_lettered",
-            "Messages published to the dead-letter topic, by reason",
+            "Messages kept as durable dead letters, by reason",
             m.dead_lettered.clone(),
         );
         registry.register(
@@ -178,8 +222,28 @@ impl Metrics {
         );
         registry.register(
             "bridge_in_flight",
-            "Messages being handled",
+            "Messages being handled, both paths",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "bridge_retry_waiting",
+            "Retried messages held until their next attempt is due",
+            m.retry_waiting.clone(),
+        );
+        registry.register(
+            "bridge_downstream_failures",
+            "Consecutive failed forwarding attempts (0 while the target answers)",
+            m.downstream_failures.clone(),
+        );
+        registry.register(
+            "bridge_republish_failures",
+            "Republishes (retry topic or dead letter) the broker did not complete, each tried again",
+            m.republish_failures.clone(),
+        );
+        registry.register(
+            "bridge_stuck",
+            "Messages held because the broker refuses both their retry and their dead letter",
+            m.stuck.clone(),
         );
         registry.register(
             "bridge_forward_duration_seconds",
@@ -196,6 +260,15 @@ struct Inbound {
     token: AckToken,
 }
 
+/// Which subscription a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// First deliveries, on the traffic client.
+    Traffic,
+    /// Retries, on the retry client.
+    Retry,
+}
+
 /// What to do with a message after one forwarding attempt.
 enum Verdict {
     Forwarded,
@@ -203,37 +276,128 @@ enum Verdict {
     DeadLetter(&'static str, String),
 }
 
+/// Paces the retry path while the target keeps failing: after a failure, retries go one at
+/// a time, each after the capped backoff of the failure streak; a success anywhere (a
+/// first delivery too) ends the streak and lets retries flow at full rate.
+struct Pacer {
+    failures: AtomicU32,
+    next_try: std::sync::Mutex<Instant>,
+    trial: tokio::sync::Mutex<()>,
+    recovered: Notify,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Self {
+            failures: AtomicU32::new(0),
+            next_try: std::sync::Mutex::new(Instant::now()),
+            trial: tokio::sync::Mutex::new(()),
+            recovered: Notify::new(),
+        }
+    }
+
+    fn succeeded(&self, metrics: &Metrics) {
+        if self.failures.swap(0, Ordering::AcqRel) > 0 {
+            metrics.downstream_failures.set(0);
+            self.recovered.notify_waiters();
+        }
+    }
+
+    fn failed(&self, config: &Config, metrics: &Metrics) {
+        let streak = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        metrics.downstream_failures.set(i64::from(streak));
+        if let Ok(mut next) = self.next_try.lock() {
+            *next = Instant::now() + config.backoff(streak);
+        }
+    }
+
+    /// Waits for this retry's turn; the guard, while held, keeps other retries waiting.
+    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if self.failures.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let guard = self.trial.lock().await;
+        let recovered = self.recovered.notified();
+        if self.failures.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let next = self.next_try.lock().map_or_else(|_| Instant::now(), |n| *n);
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => {}
+            () = recovered => {}
+        }
+        Some(guard)
+    }
+}
+
+/// One MQTT client of the bridge and whether its subscriptions are live on its current
+/// connection.
+struct Client {
+    link: Link,
+    live: watch::Sender<bool>,
+}
+
+impl Client {
+    fn new(link: Link) -> Self {
+        Self {
+            link,
+            live: watch::Sender::new(false),
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        *self.live.borrow()
+    }
+}
+
 /// The bridge state shared by the tasks.
 pub struct Bridge {
-    link: Link,
+    traffic: Client,
+    retries: Client,
+    control: Client,
     config: Config,
     upstream: Upstream,
     ready: Arc<AtomicBool>,
+    pacer: Pacer,
     metrics: Metrics,
 }
 
 impl Bridge {
-    /// Creates the MQTT client (not yet connected) and the HTTP client.
+    /// Creates the MQTT clients (not yet connected) and the HTTP client.
     pub async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
-        let options = config
-            .mqtt
-            .connect_options()
-            .with_deferred_ack(true)
-            .with_receive_maximum(config.receive_maximum);
-        let link = Link::new(config.mqtt.clone(), options).await?;
+        let subscriber = |mqtt: &MqttConfig| {
+            mqtt.connect_options()
+                .with_deferred_ack(true)
+                .with_receive_maximum(config.receive_maximum)
+        };
+        let traffic = Link::new(config.mqtt.clone(), subscriber(&config.mqtt)).await?;
+        let retry_mqtt = config.mqtt.companion("retry");
+        let retries = Link::new(retry_mqtt.clone(), subscriber(&retry_mqtt)).await?;
+        let control_mqtt = config.mqtt.companion("control");
+        let control = Link::new(control_mqtt.clone(), control_mqtt.ephemeral_options()).await?;
         let upstream = Upstream::new(&config.upstream, registry)?;
         Ok(Arc::new(Self {
-            link,
+            traffic: Client::new(traffic),
+            retries: Client::new(retries),
+            control: Client::new(control),
             upstream,
             ready: Arc::new(AtomicBool::new(false)),
+            pacer: Pacer::new(),
             metrics: Metrics::register(registry),
             config,
         }))
     }
 
-    /// The readiness flag (`/readyz`): connected and subscribed.
+    /// The readiness flag (`/readyz`): all three clients connected and subscribed.
     pub fn ready(&self) -> Arc<AtomicBool> {
         self.ready.clone()
+    }
+
+    fn client(&self, path: Path) -> &Client {
+        match path {
+            Path::Traffic => &self.traffic,
+            Path::Retry => &self.retries,
+        }
     }
 
     /// Connects, subscribes (again after every CONNACK: Mosquitto does not restore shared
@@ -241,27 +405,125 @@ impl Bridge {
     /// it takes no new messages, lets the ones in flight finish (forwarded, retried or
     /// dead-lettered, and acknowledged) within `grace`, and disconnects.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
-        let filters = bridge_filters(&self.config.group);
-        for filter in &filters {
+        let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
+        let mut inboxes = Vec::new();
+        for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
+            let (tx, rx) = mpsc::unbounded_channel::<Inbound>();
             // Registered before connecting: a resumed session flushes its messages right
             // after CONNACK, before any SUBSCRIBE.
-            let registered = self
-                .link
+            let link = &self.client(path).link;
+            if let Err(e) = link
                 .client
                 .register_ack_callback(filter.clone(), enqueue(tx.clone()))
-                .await;
-            if let Err(e) = registered {
+                .await
+            {
                 error!(error = %e, "cannot register the message handler");
                 return;
             }
+            inboxes.push((path, filter, tx, rx));
         }
-        if !self.link.connect(&shutdown).await {
-            return;
+        for client in [&self.traffic, &self.retries, &self.control] {
+            if !client.link.connect(&shutdown).await {
+                return;
+            }
         }
-        let subscriber = tokio::spawn(self.clone().keep_subscribed(filters, tx, shutdown.clone()));
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        background.spawn(self.clone().watch_readiness(stop_background.clone()));
+        let control = self.clone();
+        background.spawn(keep_subscribed(
+            &self.control,
+            stop_background.clone(),
+            move || control.clone().subscribe_probes(),
+        ));
+        let work = TaskTracker::new();
+        let mut dispatchers = Vec::new();
+        let mut leftovers = Vec::new();
+        for (path, filter, tx, rx) in inboxes {
+            let this = self.clone();
+            background.spawn(keep_subscribed(
+                self.client(path),
+                stop_background.clone(),
+                move || {
+                    let this = this.clone();
+                    let filter = filter.clone();
+                    let tx = tx.clone();
+                    async move {
+                        let options = SubscribeOptions {
+                            qos: this.config.mqtt.qos,
+                            ..SubscribeOptions::default()
+                        };
+                        // Replaces the handler registered above with an identical one.
+                        this.client(path)
+                            .link
+                            .client
+                            .subscribe_with_ack(filter, options, enqueue(tx))
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            ));
+            dispatchers.push(tokio::spawn(self.clone().dispatch(
+                path,
+                rx,
+                work.clone(),
+                shutdown.clone(),
+            )));
+        }
+        for dispatcher in dispatchers {
+            if let Ok(rx) = dispatcher.await {
+                leftovers.push(rx);
+            }
+        }
+        self.ready.store(false, Ordering::Release);
+        work.close();
+        info!(
+            in_flight = work.len(),
+            "taking no new messages; finishing those in flight"
+        );
+        if tokio::time::timeout(grace, work.wait()).await.is_err() {
+            warn!(
+                left = work.len(),
+                "grace period over; unacknowledged messages will be redelivered"
+            );
+        }
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
+        // Acknowledgements leave through the client's background writer; give the last
+        // ones a moment to reach the broker so it does not deliver those messages again.
+        // (The client offers no way to wait for that; on loopback it takes microseconds.)
+        tokio::time::sleep(ACK_SETTLE).await;
+        for client in [&self.traffic, &self.retries, &self.control] {
+            client.link.disconnect().await;
+        }
+        // Messages that arrived but were not started: unacknowledged, so the broker
+        // delivers them again. Forget the tokens rather than let them send a negative
+        // acknowledgement (which would make the broker drop the message).
+        let mut left = 0;
+        for mut rx in leftovers {
+            rx.close();
+            while let Ok(inbound) = rx.try_recv() {
+                std::mem::forget(inbound.token);
+                left += 1;
+            }
+        }
+        if left > 0 {
+            info!(left, "left unacknowledged for redelivery");
+        }
+    }
+
+    /// Hands the messages of one path to tasks, at most `MQTT_RECEIVE_MAXIMUM` at once,
+    /// until `shutdown`; returns the inbox with what was not started.
+    async fn dispatch(
+        self: Arc<Self>,
+        path: Path,
+        mut rx: mpsc::UnboundedReceiver<Inbound>,
+        work: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> mpsc::UnboundedReceiver<Inbound> {
         let window = Arc::new(Semaphore::new(usize::from(self.config.receive_maximum)));
-        let tasks = TaskTracker::new();
         loop {
             let permit = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -272,134 +534,197 @@ impl Bridge {
                 inbound = rx.recv() => match inbound { Some(i) => i, None => break },
             };
             let this = self.clone();
-            tasks.spawn(async move {
-                this.handle(inbound).await;
+            work.spawn(async move {
+                this.handle(path, inbound).await;
                 drop(permit);
             });
         }
-        self.ready.store(false, Ordering::Release);
-        tasks.close();
-        info!(
-            in_flight = tasks.len(),
-            "taking no new messages; finishing those in flight"
-        );
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-            warn!(
-                left = tasks.len(),
-                "grace period over; unacknowledged messages will be redelivered"
-            );
-        }
-        subscriber.abort();
-        // Acknowledgements leave through the client's background writer; give the last
-        // ones a moment to reach the broker so it does not deliver those messages again.
-        // (The client offers no way to wait for that; on loopback it takes microseconds.)
-        tokio::time::sleep(ACK_SETTLE).await;
-        self.link.disconnect().await;
-        // Messages that arrived but were not started: unacknowledged, so the broker
-        // delivers them again. Forget the tokens rather than let them send a negative
-        // acknowledgement (which would make the broker drop the message).
-        rx.close();
-        let mut left = 0;
-        while let Ok(inbound) = rx.try_recv() {
-            std::mem::forget(inbound.token);
-            left += 1;
-        }
-        if left > 0 {
-            info!(left, "left unacknowledged for redelivery");
-        }
+        rx
     }
 
-    async fn keep_subscribed(
-        self: Arc<Self>,
-        filters: [String; 2],
-        tx: mpsc::UnboundedSender<Inbound>,
-        shutdown: CancellationToken,
-    ) {
-        let mut state = self.link.state();
+    /// Keeps `/readyz` equal to "every client's subscriptions are live".
+    async fn watch_readiness(self: Arc<Self>, stop: CancellationToken) {
+        let mut watches = [&self.traffic, &self.retries, &self.control].map(|c| c.live.subscribe());
         loop {
-            let current = *state.borrow_and_update();
-            if current.connected {
-                let options = SubscribeOptions {
-                    qos: self.config.mqtt.qos,
-                    ..SubscribeOptions::default()
-                };
-                let mut subscribed = true;
-                for filter in &filters {
-                    // Replaces the handler registered in `run` with an identical one.
-                    if let Err(e) = self
-                        .link
-                        .client
-                        .subscribe_with_ack(filter.clone(), options.clone(), enqueue(tx.clone()))
-                        .await
-                    {
-                        warn!(%filter, error = %e, "subscribe failed");
-                        subscribed = false;
-                    }
-                }
-                self.ready.store(subscribed, Ordering::Release);
-                if subscribed {
-                    info!(connects = current.connects, "subscribed");
-                }
-            } else {
-                self.ready.store(false, Ordering::Release);
-            }
+            let ready = watches.iter_mut().all(|w| *w.borrow_and_update());
+            self.ready.store(ready, Ordering::Release);
+            let [a, b, c] = &mut watches;
             tokio::select! {
-                changed = state.changed() => if changed.is_err() { return },
-                () = shutdown.cancelled() => return,
+                _ = a.changed() => {}
+                _ = b.changed() => {}
+                _ = c.changed() => {}
+                () = stop.cancelled() => return,
             }
         }
     }
 
-    async fn handle(&self, inbound: Inbound) {
+    /// Subscribes the control client to probes: each is answered (the token back to the
+    /// reply topic it names) while both message subscriptions are live.
+    async fn subscribe_probes(self: Arc<Self>) -> Result<(), String> {
+        let options = SubscribeOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscribeOptions::default()
+        };
+        let this = Arc::downgrade(&self);
+        self.control
+            .link
+            .client
+            .subscribe_with_options(PROBE_TOPIC, options, move |message| {
+                let Some(this) = this.upgrade() else { return };
+                let Some(reply) = message
+                    .properties
+                    .user_properties
+                    .iter()
+                    .find(|(k, _)| k == PROBE_PROPERTY)
+                    .map(|(_, v)| v.clone())
+                else {
+                    return;
+                };
+                if !(this.traffic.is_live() && this.retries.is_live()) {
+                    debug!("probe not answered: subscriptions not live");
+                    return;
+                }
+                tokio::spawn(async move {
+                    let answered = this
+                        .control
+                        .link
+                        .publish(
+                            &reply,
+                            message.payload,
+                            QoS::AtLeastOnce,
+                            Vec::new(),
+                            this.config.publish_timeout,
+                        )
+                        .await;
+                    match answered {
+                        Ok(_) => {
+                            this.metrics.probes.inc();
+                        }
+                        Err(e) => debug!(error = %e, "probe answer not sent"),
+                    }
+                });
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, path: Path, inbound: Inbound) {
         let Inbound { packet, token } = inbound;
-        if let Some(reply) = packet.properties.get_user_property_value(PROBE_PROPERTY) {
-            self.answer_probe(reply.to_owned(), &packet, token).await;
-            return;
-        }
         self.metrics.received.inc();
         self.metrics.in_flight.inc();
-        let attempt: u32 = packet
-            .properties
-            .get_user_property_value(ATTEMPT_PROPERTY)
+        let attempt = property(&packet, ATTEMPT_PROPERTY)
             .and_then(|a| a.parse().ok())
-            .unwrap_or(1);
-        let verdict = match self.validate(&packet.payload) {
-            Err((reason, detail)) => Verdict::DeadLetter(reason, detail),
-            Ok(request_id) => self.forward(&packet.payload, &request_id).await,
+            .unwrap_or(1u32);
+        // The token stays out here: a panic below must not drop it (a dropped token sends
+        // an error PUBREC, and the broker discards the message).
+        let verdict = AssertUnwindSafe(self.attempt(path, &packet))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let detail = panic_message(&*panic);
+                error!(topic = %packet.topic_name, %detail, "handling a message panicked");
+                Verdict::DeadLetter("panic", format!("handling panicked: {detail}"))
+            });
+        let settled = AssertUnwindSafe(self.settle(path, &packet, attempt, verdict))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = settled {
+            let detail = panic_message(&*panic);
+            error!(topic = %packet.topic_name, %detail, "settling a message panicked");
+            self.dead_letter(path, &packet, attempt, "panic", detail)
+                .await;
+        }
+        token.ack();
+        self.metrics.in_flight.dec();
+    }
+
+    /// One forwarding attempt; on the retry path only once the message is due and the
+    /// pacer lets it through.
+    async fn attempt(&self, path: Path, packet: &PublishPacket) -> Verdict {
+        let request_id = match self.validate(&packet.payload) {
+            Ok(id) => id,
+            Err((reason, detail)) => return Verdict::DeadLetter(reason, detail),
         };
+        let _trial = match path {
+            Path::Traffic => None,
+            Path::Retry => {
+                self.wait_until_due(packet).await;
+                self.pacer.turn().await
+            }
+        };
+        let verdict = self.forward(&packet.payload, &request_id).await;
+        match verdict {
+            Verdict::Retry(_) => self.pacer.failed(&self.config, &self.metrics),
+            _ => self.pacer.succeeded(&self.metrics),
+        }
+        verdict
+    }
+
+    async fn wait_until_due(&self, packet: &PublishPacket) {
+        let Some(not_before) = property(packet, NOT_BEFORE_PROPERTY).and_then(|v| v.parse().ok())
+        else {
+            return;
+        };
+        // Clamped to the backoff cap: the clocks of two instances may disagree.
+        let wait = Duration::from_millis(u64::saturating_sub(not_before, unix_millis()))
+            .min(self.config.retry_backoff_max);
+        if !wait.is_zero() {
+            self.metrics.retry_waiting.inc();
+            tokio::time::sleep(wait).await;
+            self.metrics.retry_waiting.dec();
+        }
+    }
+
+    /// Hands the message on after `verdict`; returns once it is safe to acknowledge.
+    async fn settle(&self, path: Path, packet: &PublishPacket, attempt: u32, verdict: Verdict) {
         match verdict {
             Verdict::Forwarded => {
                 self.metrics.forwarded.inc();
-                token.ack();
             }
-            Verdict::Retry(why) if attempt < self.config.max_attempts => {
-                let wait = self.backoff(attempt);
-                debug!(attempt, wait_ms = wait.as_millis() as u64, %why, "forwarding failed; will retry");
-                tokio::time::sleep(wait).await;
-                let mut properties = vec![(ATTEMPT_PROPERTY.to_owned(), (attempt + 1).to_string())];
-                properties.push(("last-error".to_owned(), why));
-                let topic = retry_topic(&self.config.mqtt.client_id);
-                self.publish_until_done(&topic, packet.payload.to_vec(), properties)
+            Verdict::Retry(why)
+                if self.config.max_attempts != 0 && attempt >= self.config.max_attempts =>
+            {
+                let detail = format!("gave up after {attempt} attempts: {why}");
+                self.dead_letter(path, packet, attempt, "max_attempts", detail)
                     .await;
-                self.metrics.retried.inc();
-                token.ack();
             }
             Verdict::Retry(why) => {
-                self.dead_letter(
-                    &packet,
-                    token,
-                    attempt,
-                    "max_attempts",
-                    format!("gave up after {attempt} attempts: {why}"),
-                )
-                .await;
+                let wait = self.config.backoff(attempt);
+                debug!(attempt, wait_ms = wait.as_millis() as u64, %why, "forwarding failed; will retry");
+                let not_before = unix_millis().saturating_add(wait.as_millis() as u64);
+                let mut options = self.options(self.config.mqtt.qos, false);
+                options.properties.user_properties = vec![
+                    (ATTEMPT_PROPERTY.to_owned(), (attempt + 1).to_string()),
+                    (NOT_BEFORE_PROPERTY.to_owned(), not_before.to_string()),
+                    (SOURCE_TOPIC_PROPERTY.to_owned(), source_topic(packet).to_owned()),
+                    ("last-error".to_owned(), why),
+                ];
+                let topic = retry_topic(&self.config.mqtt.client_id);
+                match self.republish(path, &topic, &packet.payload, options, true).await {
+                    Ok(()) => {
+                        self.metrics.retried.inc();
+                    }
+                    Err(refused) => {
+                        let detail = format!("the broker refused the retry topic {topic}: {refused}");
+                        error!(%detail, "cannot retry; dead-lettering instead");
+                        self.dead_letter(path, packet, attempt, "retry_refused", detail)
+                            .await;
+                    }
+                }
             }
             Verdict::DeadLetter(reason, detail) => {
-                self.dead_letter(&packet, token, attempt, reason, detail)
-                    .await;
+                self.dead_letter(path, packet, attempt, reason, detail).await;
             }
         }
-        self.metrics.in_flight.dec();
+    }
+
+    fn options(&self, qos: QoS, retain: bool) -> PublishOptions {
+        PublishOptions {
+            qos,
+            retain,
+            ..PublishOptions::default()
+        }
     }
 
     fn validate(&self, payload: &[u8]) -> Result<RequestId, (&'static str, String)> {
@@ -451,109 +776,160 @@ impl Bridge {
                 Verdict::DeadLetter("rejected", format!("the target rejected it with {status}"))
             }
             Err(error) => {
-                warn!(%request_id, %error, "forwarding failed");
+                debug!(%request_id, %error, "forwarding failed");
                 Verdict::Retry(error.to_string())
             }
         }
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
-        self.config
-            .retry_backoff
-            .saturating_mul(factor)
-            .min(self.config.retry_backoff_max)
-    }
-
+    /// Keeps the message as a durable dead letter (retained on its own topic). Only a
+    /// broker that refuses even that holds it here, trying again and saying so.
     async fn dead_letter(
         &self,
+        path: Path,
         packet: &PublishPacket,
-        token: AckToken,
         attempt: u32,
         reason: &'static str,
         detail: String,
     ) {
         warn!(topic = %packet.topic_name, attempt, reason, %detail, "dead-lettering a message");
-        let properties = vec![
-            (
-                DEAD_LETTER_REASON_PROPERTY.to_owned(),
-                format!("{reason}: {detail}"),
-            ),
-            (ATTEMPT_PROPERTY.to_owned(), attempt.to_string()),
-            ("source-topic".to_owned(), packet.topic_name.clone()),
-            (
-                "dead-lettered-by".to_owned(),
-                self.config.mqtt.client_id.clone(),
-            ),
-        ];
-        self.publish_until_done(
+        let (topic, options) = dead_letters::letter(
             &self.config.dead_letter_topic,
-            packet.payload.to_vec(),
-            properties,
-        )
-        .await;
+            reason,
+            &detail,
+            attempt,
+            source_topic(packet),
+            &self.config.mqtt.client_id,
+        );
+        let mut stuck = false;
+        while let Err(refused) = self
+            .republish(path, &topic, &packet.payload, options.clone(), false)
+            .await
+        {
+            if !stuck {
+                stuck = true;
+                self.metrics.stuck.inc();
+            }
+            error!(%topic, %refused, "the broker refuses the dead letter too; holding the message (check the broker's ACL and limits)");
+            tokio::time::sleep(self.config.retry_backoff_max).await;
+        }
+        if stuck {
+            self.metrics.stuck.dec();
+        }
         self.metrics
             .dead_lettered
             .get_or_create(&ReasonLabels { reason })
             .inc();
-        token.ack();
     }
 
-    async fn answer_probe(&self, reply: String, packet: &PublishPacket, token: AckToken) {
-        let generation = packet
-            .properties
-            .get_user_property_value("generation")
-            .unwrap_or("0")
-            .to_owned();
-        match self
-            .link
-            .publish(
-                &reply,
-                generation.into_bytes(),
-                QoS::AtLeastOnce,
-                Vec::new(),
-                self.config.publish_timeout,
-            )
-            .await
-        {
-            Ok(_) => {
-                self.metrics.probes.inc();
-            }
-            Err(e) => debug!(error = %e, "probe answer not sent"),
-        }
-        token.ack();
-    }
-
-    /// Publishes with QoS 2 until the broker completed the handshake. The message this
-    /// replaces is acknowledged only afterwards, so nothing is lost if this takes a while.
-    async fn publish_until_done(
+    /// Publishes until the broker completed the handshake on the connection it started on
+    /// (a completion seen only after a reconnect proves less, so it publishes again). Waits
+    /// while disconnected and, for the retry topic (`needs_group`), until this instance's
+    /// retry subscription is live, so the `$share` group has a member. Returns the
+    /// broker's refusal, which trying again cannot mend.
+    async fn republish(
         &self,
+        path: Path,
         topic: &str,
-        payload: Vec<u8>,
-        properties: Vec<(String, String)>,
-    ) {
+        payload: &Bytes,
+        options: PublishOptions,
+        needs_group: bool,
+    ) -> Result<(), PublishError> {
+        let link = &self.client(path).link;
         let mut wait = Duration::from_millis(100);
         loop {
-            match self
-                .link
-                .publish(
-                    topic,
-                    payload.clone(),
-                    QoS::ExactlyOnce,
-                    properties.clone(),
-                    self.config.publish_timeout,
-                )
-                .await
-            {
-                Ok(_) => return,
+            if needs_group {
+                let mut live = self.retries.live.subscribe();
+                let _ = live.wait_for(|live| *live).await;
+            }
+            link.wait_connected(self.config.publish_timeout).await;
+            let result = link
+                .publish_with(topic, payload.to_vec(), options.clone(), self.config.publish_timeout)
+                .await;
+            match result {
+                Ok(Completed::Direct) => return Ok(()),
+                Ok(Completed::AfterReconnect) => {
+                    debug!(topic, "completed only after a reconnect; publishing again");
+                    continue;
+                }
+                Err(error @ (PublishError::Refused(_) | PublishError::Downgraded(_))) => {
+                    return Err(error);
+                }
                 Err(error) => {
-                    warn!(topic, %error, retry_in_ms = wait.as_millis() as u64, "republish failed; retrying");
+                    self.metrics.republish_failures.inc();
+                    warn!(topic, %error, retry_in_ms = wait.as_millis() as u64, "republish failed; trying again");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
+}
+
+/// Re-subscribes `client` after every CONNACK (and every second while a subscribe fails),
+/// keeping `client.live` equal to "subscribed on the current connection".
+fn keep_subscribed<F, Fut>(
+    client: &Client,
+    stop: CancellationToken,
+    subscribe: F,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let mut state = client.link.state();
+    let live = client.live.clone();
+    async move {
+        loop {
+            let current = *state.borrow_and_update();
+            let mut retry = false;
+            if current.connected {
+                match subscribe().await {
+                    Ok(()) => {
+                        // Still the same connection? Otherwise go round again.
+                        let same = state.borrow().connects == current.connects;
+                        live.send_replace(same && state.borrow().connected);
+                        debug!(connects = current.connects, "subscribed");
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "subscribe failed; trying again");
+                        live.send_replace(false);
+                        retry = true;
+                    }
+                }
+            } else {
+                live.send_replace(false);
+            }
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn property<'a>(packet: &'a PublishPacket, key: &str) -> Option<&'a str> {
+    packet.properties.get_user_property_value(key)
+}
+
+/// The topic a message first came from (kept across retries).
+fn source_topic(packet: &PublishPacket) -> &str {
+    property(packet, SOURCE_TOPIC_PROPERTY).unwrap_or(&packet.topic_name)
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The message handler: hands each message to the dispatcher. It runs inside the MQTT

@@ -106,15 +106,36 @@ impl MqttConfig {
         }
     }
 
+    /// The same broker settings for a second client of the same service, with client id
+    /// `<SERVICE_NAME>-<suffix>` (stable, so its session resumes after a restart too).
+    pub fn companion(&self, suffix: &str) -> Self {
+        Self {
+            client_id: format!("{}-{suffix}", self.client_id),
+            ..self.clone()
+        }
+    }
+
     /// Connect options for a persistent session that resumes after restarts.
     pub fn connect_options(&self) -> ConnectOptions {
         let expiry = u32::try_from(self.session_expiry.as_secs()).unwrap_or(u32::MAX);
-        ConnectOptions::new(self.client_id.clone())
+        self.base_options()
             .with_clean_start(false)
             .with_session_expiry_interval(expiry)
             // A restarted process resumes the session the broker kept for its client id:
             // that is how unacknowledged messages reach it again.
             .with_resume_existing_session(true)
+    }
+
+    /// Connect options for a session the broker forgets on disconnect (`clean_start=true`,
+    /// session expiry 0): for control traffic that must never queue behind a backlog.
+    pub fn ephemeral_options(&self) -> ConnectOptions {
+        self.base_options()
+            .with_clean_start(true)
+            .with_session_expiry_interval(0)
+    }
+
+    fn base_options(&self) -> ConnectOptions {
+        ConnectOptions::new(self.client_id.clone())
             .with_keep_alive(self.keep_alive)
             .with_automatic_reconnect(true)
             .with_reconnect_delay(
@@ -162,9 +183,26 @@ pub enum PublishError {
     /// handshake did not finish in time); the message may or may not be delivered.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
+    /// The broker grants a lower QoS than asked for (CONNACK Maximum QoS), so the message
+    /// went out without the handshake that would prove the broker has it.
+    #[error("the broker grants only {0}; nothing proves it kept the message")]
+    Downgraded(String),
     /// Anything else the client reported before sending.
     #[error("publish failed: {0}")]
     Failed(String),
+}
+
+impl PublishError {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotConnected => "not_connected",
+            Self::Refused(_) => "refused",
+            Self::Indeterminate(_) => "indeterminate",
+            Self::Downgraded(_) => "downgraded",
+            Self::Failed(_) => "failed",
+        }
+    }
 }
 
 /// How a publish completed.
@@ -268,6 +306,11 @@ impl Link {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// The connect generation now (see [`LinkState::connects`]).
+    pub fn generation(&self) -> u64 {
+        self.state.borrow().connects
+    }
+
     /// Publishes at `qos` and waits up to `timeout` for the end of the handshake (PUBCOMP
     /// for QoS 2).
     pub async fn publish(
@@ -278,14 +321,31 @@ impl Link {
         user_properties: Vec<(String, String)>,
         timeout: Duration,
     ) -> Result<Completed, PublishError> {
-        if !self.is_connected() {
-            return Err(PublishError::NotConnected);
-        }
         let mut options = PublishOptions {
             qos,
             ..PublishOptions::default()
         };
         options.properties.user_properties = user_properties;
+        self.publish_with(topic, payload, options, timeout).await
+    }
+
+    /// [`Link::publish`] with every option (retain, properties) the caller's to set. A
+    /// message the client sent at a lower QoS than `options.qos` (the broker's CONNACK
+    /// Maximum QoS is lower) is [`PublishError::Downgraded`], never a success.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        options: PublishOptions,
+        timeout: Duration,
+    ) -> Result<Completed, PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let qos = options.qos;
+        let downgraded = |used: QoS| {
+            ((used as u8) < (qos as u8)).then(|| PublishError::Downgraded(format!("{used:?}, not {qos:?}")))
+        };
         let started = self.client.publish_with_options(topic, payload, options);
         let result = match tokio::time::timeout(timeout, started).await {
             Err(_) => {
@@ -301,7 +361,10 @@ impl Link {
             Ok(Ok(result)) => result,
         };
         match result {
-            PublishResult::Sent(_) => Ok(Completed::Direct),
+            PublishResult::Sent(delivery) => match downgraded(delivery.qos_used()) {
+                Some(error) => Err(error),
+                None => Ok(Completed::Direct),
+            },
             PublishResult::Queued(handle) => {
                 // Sent, but the connection ended (or the acknowledgement is late): the
                 // client resends on the resumed session; wait for that outcome.
@@ -309,7 +372,12 @@ impl Link {
                     Err(_) => Err(PublishError::Indeterminate(format!(
                         "no acknowledgement within {timeout:?}"
                     ))),
-                    Ok(PublishOutcome::Delivered(_)) => Ok(Completed::AfterReconnect),
+                    Ok(PublishOutcome::Delivered(delivery)) => {
+                        match downgraded(delivery.qos_used()) {
+                            Some(error) => Err(error),
+                            None => Ok(Completed::AfterReconnect),
+                        }
+                    }
                     Ok(PublishOutcome::Rejected(rejection)) => {
                         Err(PublishError::Refused(format!("{rejection:?}")))
                     }

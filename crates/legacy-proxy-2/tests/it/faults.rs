@@ -203,8 +203,14 @@ async fn after_max_attempts_a_message_is_dead_lettered_with_the_embedded_broker(
 async fn dead_letters(broker: &dyn lps_testkit::Broker) {
     let closed = lps_testkit::ClosedPort::new();
     let target = closed.url("/ID_REQ_KC_STORE7D3BPACKET");
-    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter").await;
-    let lp2 = harness::lp2(broker, "proxy2-1", &target, &[("MAX_ATTEMPTS", "3")]).await;
+    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter/+").await;
+    let lp2 = harness::lp2(
+        broker,
+        "proxy2-1",
+        &target,
+        &[("MAX_ATTEMPTS", "3"), ("RETRY_BACKOFF_MAX_MS", "200")],
+    )
+    .await;
     let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2, &lp1]).await;
     let ids: Vec<String> = (1..=5).map(|i| (900 + i).to_string()).collect();

@@ -4,3 +4,4 @@ mod chain;
 mod faults;
 mod harness;
 mod messages;
+mod outages;

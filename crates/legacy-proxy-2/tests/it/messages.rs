@@ -29,7 +29,7 @@ async fn poison_payloads_are_dead_lettered_with_a_reason_and_the_bridge_keeps_wo
 
 async fn poison(broker: &dyn lps_testkit::Broker) {
     let sim = Simulator::start(Model::Zero).await;
-    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter").await;
+    let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter/+").await;
     let lp2 = harness::lp2(
         broker,
         "proxy2-1",
