@@ -686,6 +686,61 @@ mod tests {
         }
     }
 
+    /// The service's load shape: requests arrive at a fixed rate (10 every millisecond,
+    /// 10,000/s for 2 s), each appending concurrently with the others.
+    /// `cargo test --release -p legacy-proxy-1 --lib journal::tests::bench -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark; run by hand"]
+    async fn bench_append_at_rate() {
+        const PER_MS: usize = 10;
+        const MILLIS: usize = 2_000;
+        let root = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(root.path(), WINDOW);
+        let body = Arc::new(vec![b'x'; 150]);
+        let cpu_before = process_cpu_ticks();
+        let start = Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_millis(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut appends = Vec::with_capacity(PER_MS * MILLIS);
+        for _ in 0..MILLIS {
+            ticks.tick().await;
+            for _ in 0..PER_MS {
+                let (journal, body) = (journal.clone(), Arc::clone(&body));
+                appends.push(tokio::spawn(async move {
+                    let sent = Instant::now();
+                    journal.append(body).await.expect("append");
+                    sent.elapsed()
+                }));
+            }
+        }
+        let mut latencies = Vec::with_capacity(appends.len());
+        for append in appends {
+            latencies.push(append.await.expect("task"));
+        }
+        let elapsed = start.elapsed();
+        let cpu = process_cpu_ticks()
+            .zip(cpu_before)
+            .map(|((u1, s1), (u0, s0))| {
+                format!("user={}ms sys={}ms", (u1 - u0) * 10, (s1 - s0) * 10)
+            });
+        latencies.sort_unstable();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        let stats = journal.stats();
+        println!(
+            "rate={}/s appends={} elapsed={elapsed:.2?} syncs={} syncs/s={:.0} records/sync={:.1} \
+             p50={:.2?} p99={:.2?} max={:.2?} cpu: {}",
+            PER_MS * 1000,
+            latencies.len(),
+            stats.syncs,
+            stats.syncs as f64 / elapsed.as_secs_f64(),
+            stats.records as f64 / stats.syncs.max(1) as f64,
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            cpu.unwrap_or_default(),
+        );
+    }
+
     /// User and system CPU time of this process in clock ticks (100 Hz on Linux).
     fn process_cpu_ticks() -> Option<(u64, u64)> {
         let stat = fs::read_to_string("/proc/self/stat").ok()?;
