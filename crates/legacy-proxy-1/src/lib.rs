@@ -563,7 +563,7 @@ impl Bridge {
             }
             (Ok(()), Err(error)) => {
                 self.metrics.outcome("journal_failed");
-                error!(%error, "cannot write the replay journal; answering 503");
+                debug!(%error, "cannot write the replay journal; answering 503");
                 Err(unavailable("the replay journal cannot be written"))
             }
             (Err(error), _) => {

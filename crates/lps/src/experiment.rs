@@ -611,6 +611,8 @@ async fn drain(dir: &Path, timeout: Duration) -> anyhow::Result<Option<u64>> {
     let deadline = tokio::time::Instant::now() + timeout;
     let total = waiting.len();
     let mut tail = records::JsonlTail::new(&ledger);
+    let started = tokio::time::Instant::now();
+    let mut next_report = started + Duration::from_secs(5);
     loop {
         let arrived: Vec<rast_simulator::journal::LedgerRecord> = tail.read_new()?;
         for record in arrived {
@@ -629,6 +631,15 @@ async fn drain(dir: &Path, timeout: Duration) -> anyhow::Result<Option<u64>> {
                 waiting.len()
             );
             return Ok(None);
+        }
+        if tokio::time::Instant::now() >= next_report {
+            // The backlog, visible while it drains (an outage behind the broker is one).
+            eprintln!(
+                "draining: {} of {total} acknowledged alarms still on their way ({:.0} s)",
+                waiting.len(),
+                started.elapsed().as_secs_f64()
+            );
+            next_report += Duration::from_secs(5);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

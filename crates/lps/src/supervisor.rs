@@ -106,6 +106,11 @@ impl Supervisor {
                 .env("HTTP_PORT", spec.port.to_string())
                 .env("SERVICE_NAME", &spec.name)
                 .env("LOG_DIR", &self.logs);
+            if spec.program == Program::LegacyProxy1 {
+                // The replay window on disk, beside the logs: a crash of the broker and
+                // the bridge together loses nothing (README, delivery guarantees).
+                command.env("REPLAY_JOURNAL_DIR", self.logs.join("journal"));
+            }
             command
         };
         command
