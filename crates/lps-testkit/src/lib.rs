@@ -9,11 +9,15 @@
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping.
 //! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
 //!   ports, behind the [`Broker`] trait so a test can run against both.
+//! - [`scripted::ScriptedBroker`]: a hand-written MQTT v5 peer answering as a test scripts
+//!   it (PUBREC reason codes, a handshake that never completes, CONNACK Maximum QoS and
+//!   Receive Maximum), recording every packet it received.
 
 pub mod embedded;
 pub mod mosquitto;
+pub mod scripted;
 
-/// An MQTT broker a test talks to: Mosquitto or the embedded one.
+/// An MQTT broker a test talks to: Mosquitto, the embedded one, or a scripted one.
 pub trait Broker {
     /// Its TCP port on 127.0.0.1.
     fn port(&self) -> u16;
@@ -316,6 +320,58 @@ impl ChildService {
                 }
             }
             anyhow::bail!("{} exited before listening", binary.display())
+        })
+        .await??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { addr, child })
+    }
+
+    /// [`ChildService::start`] with command-line `args`, e.g. `lps service legacy-proxy-1`
+    /// (`["service", "legacy-proxy-1"]`). `HTTP_PORT` in `env` picks a fixed port, so a
+    /// restarted process comes back where its clients expect it.
+    pub async fn start_with_args(
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .env_clear()
+            .env("HTTP_HOST", "127.0.0.1")
+            .env("HTTP_PORT", "0")
+            .env("LOG_DIR", dir)
+            .env("LOG_FORMAT", "json")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["fields"]["message"] == "listening"
+                    && let Some(addr) = event["fields"]["addr"].as_str()
+                {
+                    return Ok::<_, anyhow::Error>(addr.parse()?);
+                }
+            }
+            anyhow::bail!(
+                "{} {} exited before listening",
+                binary.display(),
+                args.join(" ")
+            )
         })
         .await??;
         // Keep draining stdout so the child never blocks on a full pipe.

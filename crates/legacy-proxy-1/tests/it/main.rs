@@ -1,5 +1,8 @@
 //! legacy-proxy-1 over a real Mosquitto, in-process and as a process.
 
+mod restart;
+mod scripted;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};

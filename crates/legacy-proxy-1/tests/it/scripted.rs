@@ -1,0 +1,132 @@
+//! legacy-proxy-1 against a scripted broker: answers a real broker cannot be made to give
+//! on demand (PUBREC 0x97, a handshake that never completes, a Maximum QoS below 2). In
+//! every case the bridge must answer 503, never 200, and count why.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use lps_testkit::http1_client;
+use lps_testkit::scripted::{Qos2, Script, ScriptedBroker};
+
+use super::{Lp1, PATH, lp1, post, wait_ready};
+
+const SETTINGS: [(&str, &str); 2] = [
+    ("SUBSCRIBER_PROBE", "false"),
+    ("MQTT_RECONNECT_MAX_MS", "300"),
+];
+
+async fn start(script: Script, extra: &[(&str, &str)]) -> (ScriptedBroker, Lp1) {
+    let broker = ScriptedBroker::start(script).await;
+    let env: Vec<_> = SETTINGS.iter().chain(extra).copied().collect();
+    let lp1 = lp1(lps_testkit::Broker::port(&broker), &env).await;
+    wait_ready(&lp1.server).await;
+    (broker, lp1)
+}
+
+/// Asserts a 503 with `Retry-After` and the JSON error.
+async fn assert_unavailable(response: reqwest::Response) {
+    let status = response.status();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "broker_unavailable", "{body}");
+}
+
+/// `mqtt_publishes_total{outcome="<outcome>"}` from `/metrics`, by name and label (0 when
+/// absent).
+async fn publishes(lp1: &Lp1, outcome: &str) -> u64 {
+    let text = http1_client()
+        .get(lp1.server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("mqtt_publishes_total{{outcome=\"{outcome}\"}}");
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(name, _)| *name == series)
+        .map_or(0, |(_, value)| value.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubrec_0x97_is_answered_503_never_200() {
+    // A window of 2, at the broker (Receive Maximum) and in the bridge: a refused message
+    // whose in-flight slot leaked, in the client or the bridge, would stall every request
+    // after the second until its publish timeout.
+    let script = Script {
+        qos2: Qos2::Refuse(0x97),
+        receive_maximum: Some(2),
+        ..Script::default()
+    };
+    let settings = [("MQTT_MAX_INFLIGHT", "2"), ("PUBLISH_TIMEOUT_MS", "2000")];
+    let (broker, lp1) = start(script, &settings).await;
+    let url = lp1.server.url(PATH);
+    for i in 0..20 {
+        assert_unavailable(post(&url, &i.to_string()).await).await;
+    }
+    assert_eq!(publishes(&lp1, "refused").await, 20);
+    assert_eq!(publishes(&lp1, "delivered").await, 0);
+    let published = broker.published();
+    assert_eq!(published.len(), 20, "each request published once");
+    assert!(
+        published
+            .iter()
+            .all(|p| p.qos == 2 && p.topic == "proxy1/message")
+    );
+
+    broker.set_qos2(Qos2::Complete);
+    assert_eq!(post(&url, "4242").await.status(), StatusCode::OK);
+    assert_eq!(publishes(&lp1, "delivered").await, 1);
+    let last: serde_json::Value =
+        serde_json::from_slice(&broker.published().last().unwrap().payload).unwrap();
+    assert_eq!(last["request_id"], "4242");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_never_completes_is_answered_503_within_the_publish_timeout() {
+    let script = Script {
+        qos2: Qos2::Silent,
+        ..Script::default()
+    };
+    let (broker, lp1) = start(script, &[("PUBLISH_TIMEOUT_MS", "500")]).await;
+    let started = Instant::now();
+    let response = post(&lp1.server.url(PATH), "1").await;
+    let elapsed = started.elapsed();
+    assert_unavailable(response).await;
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
+    assert_eq!(publishes(&lp1, "indeterminate").await, 1);
+    assert_eq!(broker.published().len(), 1, "the message did go out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_granting_only_qos_0_is_answered_503() {
+    // (CONNACK Maximum QoS, MQTT_QOS): the client sends at the lower QoS, so no
+    // handshake proves the broker kept the message.
+    for (maximum_qos, qos) in [(0, "2"), (1, "2"), (0, "1")] {
+        let script = Script {
+            maximum_qos: Some(maximum_qos),
+            ..Script::default()
+        };
+        let (broker, lp1) = start(script, &[("MQTT_QOS", qos)]).await;
+        let response = post(&lp1.server.url(PATH), "1").await;
+        assert_unavailable(response).await;
+        assert_eq!(
+            publishes(&lp1, "downgraded").await,
+            1,
+            "Maximum QoS {maximum_qos}, MQTT_QOS={qos}"
+        );
+        let sent: Vec<u8> = broker.published().iter().map(|p| p.qos).collect();
+        assert_eq!(
+            sent,
+            [maximum_qos],
+            "the client downgrades, it does not refuse"
+        );
+    }
+}
