@@ -469,7 +469,9 @@ impl Bridge {
             for (key, payload, sent, journaled) in results {
                 if sent == Ok(Completed::Direct) && journaled {
                     replay.pending.remove(&key);
-                    replay.recent.push_back((Instant::now(), generation, payload));
+                    replay
+                        .recent
+                        .push_back((Instant::now(), generation, payload));
                     self.metrics.replayed.inc();
                 } else {
                     failed += 1;

@@ -304,7 +304,10 @@ impl Pacer {
     }
 
     fn failed(&self, config: &Config, metrics: &Metrics) {
-        let streak = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let streak = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         metrics.downstream_failures.set(i64::from(streak));
         if let Ok(mut next) = self.next_try.lock() {
             *next = Instant::now() + config.backoff(streak);
@@ -697,16 +700,23 @@ impl Bridge {
                 options.properties.user_properties = vec![
                     (ATTEMPT_PROPERTY.to_owned(), (attempt + 1).to_string()),
                     (NOT_BEFORE_PROPERTY.to_owned(), not_before.to_string()),
-                    (SOURCE_TOPIC_PROPERTY.to_owned(), source_topic(packet).to_owned()),
+                    (
+                        SOURCE_TOPIC_PROPERTY.to_owned(),
+                        source_topic(packet).to_owned(),
+                    ),
                     ("last-error".to_owned(), why),
                 ];
                 let topic = retry_topic(&self.config.mqtt.client_id);
-                match self.republish(path, &topic, &packet.payload, options, true).await {
+                match self
+                    .republish(path, &topic, &packet.payload, options, true)
+                    .await
+                {
                     Ok(()) => {
                         self.metrics.retried.inc();
                     }
                     Err(refused) => {
-                        let detail = format!("the broker refused the retry topic {topic}: {refused}");
+                        let detail =
+                            format!("the broker refused the retry topic {topic}: {refused}");
                         error!(%detail, "cannot retry; dead-lettering instead");
                         self.dead_letter(path, packet, attempt, "retry_refused", detail)
                             .await;
@@ -714,7 +724,8 @@ impl Bridge {
                 }
             }
             Verdict::DeadLetter(reason, detail) => {
-                self.dead_letter(path, packet, attempt, reason, detail).await;
+                self.dead_letter(path, packet, attempt, reason, detail)
+                    .await;
             }
         }
     }
@@ -844,7 +855,12 @@ impl Bridge {
             }
             link.wait_connected(self.config.publish_timeout).await;
             let result = link
-                .publish_with(topic, payload.to_vec(), options.clone(), self.config.publish_timeout)
+                .publish_with(
+                    topic,
+                    payload.to_vec(),
+                    options.clone(),
+                    self.config.publish_timeout,
+                )
                 .await;
             match result {
                 Ok(Completed::Direct) => return Ok(()),

@@ -344,7 +344,8 @@ impl Link {
         }
         let qos = options.qos;
         let downgraded = |used: QoS| {
-            ((used as u8) < (qos as u8)).then(|| PublishError::Downgraded(format!("{used:?}, not {qos:?}")))
+            ((used as u8) < (qos as u8))
+                .then(|| PublishError::Downgraded(format!("{used:?}, not {qos:?}")))
         };
         let started = self.client.publish_with_options(topic, payload, options);
         let result = match tokio::time::timeout(timeout, started).await {
