@@ -134,12 +134,29 @@ pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn append(path: &Path) -> io::Result<BufWriter<File>> {
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .create(true)
         .append(true)
+        .read(true)
         .open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+    // A process killed mid-write leaves a torn last line; end it, so that the first line
+    // of this process is not glued to it (and lost with it).
+    if ends_torn(&mut file)? {
+        file.write_all(b"\n")?;
+    }
     Ok(BufWriter::with_capacity(64 * 1024, file))
+}
+
+fn ends_torn(file: &mut File) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 fn write_loop(
@@ -213,11 +230,20 @@ pub fn epoch_us(at: SystemTime) -> u64 {
 
 /// Reads a ledger file (for tests and the analysis).
 pub fn read_ledger(path: &Path) -> io::Result<Vec<LedgerRecord>> {
-    std::fs::read_to_string(path)?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(io::Error::other))
-        .collect()
+    let text = std::fs::read_to_string(path)?;
+    let mut records = Vec::new();
+    let mut torn = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str(line) {
+            Ok(record) => records.push(record),
+            // A line torn by a simulator killed mid-write; the rest is intact.
+            Err(_) => torn += 1,
+        }
+    }
+    if torn > 0 {
+        tracing::warn!(file = %path.display(), torn, "ledger lines torn by a crash were skipped");
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -289,5 +315,27 @@ mod tests {
         );
         let parsed: LedgerRecord = serde_json::from_slice(&ledger).unwrap();
         assert_eq!(parsed, record);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ended_and_skipped_not_glued_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        let line = |uid: &str| {
+            format!(
+                r#"{{"uid":"{uid}","cmd":"X","start_us":1,"end_us":2,"status":200,"pr1":0,"pr3":0,"pred_s":0.0,"proto":"HTTP/1.1"}}"#
+            )
+        };
+        // A complete record, then half a record: a simulator killed mid-write.
+        std::fs::write(&path, format!("{}\n{}", line("1"), &line("2")[..20])).unwrap();
+        let mut writer = append(&path).unwrap();
+        writeln!(writer, "{}", line("3")).unwrap();
+        writer.flush().unwrap();
+        let uids: Vec<String> = read_ledger(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.uid)
+            .collect();
+        assert_eq!(uids, ["1", "3"]);
     }
 }

@@ -154,8 +154,11 @@ async fn downstream_down(broker: &dyn lps_testkit::Broker) {
     let ac2 = harness::relay(ars_comp_2::app, &sim_url, false).await;
     let ac2_addr: SocketAddr = ac2.addr;
     let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
-    let lp2a = harness::lp2(broker, "proxy2-1", &target, &[]).await;
-    let lp2b = harness::lp2(broker, "proxy2-2", &target, &[]).await;
+    // While the target is down the retry path paces its trials up to the backoff cap;
+    // a short cap makes the recovery quick.
+    let cap = [("RETRY_BACKOFF_MAX_MS", "500")];
+    let lp2a = harness::lp2(broker, "proxy2-1", &target, &cap).await;
+    let lp2b = harness::lp2(broker, "proxy2-2", &target, &cap).await;
     let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2a, &lp2b, &lp1]).await;
 

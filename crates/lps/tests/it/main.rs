@@ -4,6 +4,8 @@ mod automations;
 mod bench;
 mod compose;
 mod demo;
+mod kills;
+mod lifecycle;
 mod load;
 mod locust;
 mod support;
