@@ -337,3 +337,35 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
         acknowledged.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_legacy_proxy_2_forwards_is_answered_413() {
+    let broker = Mosquitto::start().await;
+    let (_c, seen) = collector(&broker, "proxy1/message").await;
+    let lp1 = lp1(
+        broker.port,
+        &[("SUBSCRIBER_PROBE", "false"), ("MAX_PAYLOAD_BYTES", "200")],
+    )
+    .await;
+    wait_ready(&lp1.server).await;
+    let big = format!(r#"{{"id":"070010","body":"{}"}}"#, "x".repeat(300));
+    let response = http1_client()
+        .post(lp1.server.url(PATH))
+        .header("Request-Id", "1")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    assert_eq!(
+        post(&lp1.server.url(PATH), "2").await.status(),
+        StatusCode::OK
+    );
+    eventually("the small one published", Duration::from_secs(5), || {
+        let ids = seen.lock().unwrap().clone();
+        async move { (ids == ["2"]).then_some(()) }
+    })
+    .await;
+}
