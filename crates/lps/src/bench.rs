@@ -15,6 +15,9 @@
 //!
 //! Each figure carries the CPU seconds and peak memory of every process (from `/proc`),
 //! the generator's own included: it shares the cores with the services.
+//!
+//! The stop token (Ctrl-C, SIGTERM, SIGHUP) ends a bench at any point: the services of the
+//! current scenario are stopped in order and the bench fails, writing no `bench.json`.
 
 pub mod broker;
 pub mod generator;
@@ -27,9 +30,11 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::BrokerChoice;
 use crate::records;
+use crate::signals::{interruption, or_interrupted};
 use crate::supervisor::Supervisor;
 use crate::topology::{Health, Options, Program, ServiceSpec, Topology};
 use generator::{LoadResult, LoadSpec, Mode, Protocol, Target};
@@ -363,8 +368,9 @@ fn target(url: &str, path: &str) -> anyhow::Result<Target> {
     })
 }
 
-/// Runs the benchmark; returns the report (also written to `out/bench.json`).
-pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
+/// Runs the benchmark until done or `stop`; returns the report (also written to
+/// `out/bench.json`).
+pub async fn run(options: &BenchOptions, stop: &CancellationToken) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
     let mut report = Report {
@@ -388,7 +394,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
             figures: Vec::new(),
             ..report.clone()
         };
-        one_round(&this, &mut figures, most).await?;
+        one_round(&this, &mut figures, most, stop).await?;
         report.broker = figures.broker;
         measured.push(figures.figures);
     }
@@ -401,18 +407,31 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn one_round(options: &BenchOptions, report: &mut Report, most: usize) -> anyhow::Result<()> {
+async fn one_round(
+    options: &BenchOptions,
+    report: &mut Report,
+    most: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let wants = |s: Scenario| options.scenarios.contains(&s);
     if wants(Scenario::Direct) || wants(Scenario::Relay) || wants(Scenario::Legacy) {
-        http_hops(options, report, most).await?;
+        http_hops(options, report, most, stop).await?;
     }
     if wants(Scenario::Legacy) {
-        legacy(options, report, most).await?;
+        legacy(options, report, most, stop).await?;
     }
     if wants(Scenario::Broker) || wants(Scenario::Ng) {
-        ng(options, report, most).await?;
+        ng(options, report, most, stop).await?;
     }
     Ok(())
+}
+
+/// Stops the services of a scenario, saying so when interrupted.
+async fn stop_services(supervisor: &mut Supervisor, stop: &CancellationToken) {
+    if stop.is_cancelled() {
+        eprintln!("{}: stopping the services", interruption());
+    }
+    supervisor.stop_all(Duration::from_secs(5)).await;
 }
 
 /// Per figure, the round with the median result: the median rate for closed loops, the
@@ -466,41 +485,55 @@ fn progress(name: &str) {
 }
 
 /// `direct` and `relay` on one simulator and one ars-comp-2.
-async fn http_hops(options: &BenchOptions, report: &mut Report, most: usize) -> anyhow::Result<()> {
+async fn http_hops(
+    options: &BenchOptions,
+    report: &mut Report,
+    most: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let dir = options.out.join("http");
     let mut supervisor = Supervisor::new(&dir)?;
     let sim_port = crate::topology::free_port();
     let relay_port = crate::topology::free_port();
     let max_body = options.sizes.iter().copied().max().unwrap_or(0) * 2 + (64 << 10);
-    supervisor
-        .start(spec_of(
-            "ars-comp-3",
-            Program::RastSimulator,
-            sim_port,
-            vec![("MAX_BODY_BYTES".into(), max_body.to_string())],
-            vec!["-m".into(), "zero".into()],
-        ))
-        .await?;
-    supervisor
-        .start(spec_of(
-            "ars-comp-2",
-            Program::ArsComp2,
-            relay_port,
-            vec![
-                (
-                    "TARGET_URL".into(),
-                    format!(
-                        "http://127.0.0.1:{sim_port}{}",
-                        lps_common::wire::STORE_PATH
+    let started = or_interrupted(stop, async {
+        supervisor
+            .start(spec_of(
+                "ars-comp-3",
+                Program::RastSimulator,
+                sim_port,
+                vec![("MAX_BODY_BYTES".into(), max_body.to_string())],
+                vec!["-m".into(), "zero".into()],
+            ))
+            .await?;
+        supervisor
+            .start(spec_of(
+                "ars-comp-2",
+                Program::ArsComp2,
+                relay_port,
+                vec![
+                    (
+                        "TARGET_URL".into(),
+                        format!(
+                            "http://127.0.0.1:{sim_port}{}",
+                            lps_common::wire::STORE_PATH
+                        ),
                     ),
-                ),
-                ("MAX_BODY_BYTES".into(), max_body.to_string()),
-            ],
-            Vec::new(),
-        ))
-        .await?;
-    let result = http_figures(options, report, most, &supervisor, sim_port, relay_port).await;
-    supervisor.stop_all(Duration::from_secs(5)).await;
+                    ("MAX_BODY_BYTES".into(), max_body.to_string()),
+                ],
+                Vec::new(),
+            ))
+            .await
+    })
+    .await;
+    let result = match started {
+        Ok(()) => {
+            let figures = http_figures(options, report, most, &supervisor, sim_port, relay_port);
+            or_interrupted(stop, figures).await
+        }
+        Err(e) => Err(e),
+    };
+    stop_services(&mut supervisor, stop).await;
     result
 }
 
@@ -669,16 +702,22 @@ fn entries(supervisor: &Supervisor) -> anyhow::Result<Vec<Target>> {
 }
 
 /// The baseline chain at the most connections, against `direct` at the same count.
-async fn legacy(options: &BenchOptions, report: &mut Report, most: usize) -> anyhow::Result<()> {
+async fn legacy(
+    options: &BenchOptions,
+    report: &mut Report,
+    most: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let dir = options.out.join("legacy");
     let mut supervisor = crate::start(
         Topology::Legacy,
         &topology_options(),
         &BrokerChoice::Auto,
         &dir,
+        stop,
     )
     .await?;
-    let result = async {
+    let result = or_interrupted(stop, async {
         let name = format!("legacy http1 c{most}");
         progress(&name);
         let spec = LoadSpec {
@@ -709,19 +748,31 @@ async fn legacy(options: &BenchOptions, report: &mut Report, most: usize) -> any
             .figures
             .push(f.against(ceiling.as_ref(), Some(upstream::LEGACY)));
         anyhow::Ok(())
-    }
+    })
     .await;
-    supervisor.stop_all(Duration::from_secs(5)).await;
+    stop_services(&mut supervisor, stop).await;
     result
 }
 
 /// `broker` and `ng` on one NG topology.
-async fn ng(options: &BenchOptions, report: &mut Report, most: usize) -> anyhow::Result<()> {
+async fn ng(
+    options: &BenchOptions,
+    report: &mut Report,
+    most: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let dir = options.out.join("ng");
-    let mut supervisor =
-        crate::start(Topology::Ng, &topology_options(), &options.broker, &dir).await?;
-    let result = ng_figures(options, report, most, &supervisor, &dir).await;
-    supervisor.stop_all(Duration::from_secs(5)).await;
+    let mut supervisor = crate::start(
+        Topology::Ng,
+        &topology_options(),
+        &options.broker,
+        &dir,
+        stop,
+    )
+    .await?;
+    let figures = ng_figures(options, report, most, &supervisor, &dir);
+    let result = or_interrupted(stop, figures).await;
+    stop_services(&mut supervisor, stop).await;
     result
 }
 

@@ -22,9 +22,10 @@
 //! acknowledged alarm has arrived at the simulator (the drain, measured by ids) or a
 //! timeout, stop the topology, write `run.json`.
 //!
-//! An interruption (the caller's stop token: Ctrl-C, SIGTERM) ends the run at any point,
-//! stops the topology the same way (local services in order; `down` for compose unless
-//! kept up) and fails the run, whose folder keeps what was recorded so far.
+//! An interruption (the caller's stop token: Ctrl-C, SIGTERM, SIGHUP) ends the run at any
+//! point, start-up, load, drain and analysis included, stops the topology the same way
+//! (local services in order; `down` for compose unless kept up) and fails the run, whose
+//! folder keeps what was recorded so far.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -237,37 +238,37 @@ impl Deployment {
 /// The error of an interrupted run.
 fn interrupted(dir: &Path) -> anyhow::Error {
     anyhow::anyhow!(
-        "interrupted; what was recorded so far is in {}",
+        "{}; what was recorded so far is in {}",
+        crate::signals::interruption(),
         dir.display()
     )
 }
 
 /// Starts the topology of `experiment` with its logs in `dir/logs`. A local topology
-/// interrupted while it starts is killed (dropping the supervisor kills its processes); a
-/// compose topology is brought down unless kept up.
+/// interrupted while it starts is stopped in order (see [`crate::start`]); a compose
+/// topology is brought down unless kept up.
 async fn deploy(
     experiment: &Experiment,
     dir: &Path,
     stop: &CancellationToken,
 ) -> anyhow::Result<Deployed> {
     match &experiment.platform {
-        Platform::Local => tokio::select! {
-            deployed = deploy_local(experiment, dir) => deployed,
-            () = stop.cancelled() => {
-                eprintln!("interrupted while starting: killing the services started so far");
-                Err(interrupted(dir))
-            }
-        },
+        Platform::Local => deploy_local(experiment, dir, stop).await,
         Platform::Compose(setup) => deploy_compose(experiment.topology, setup, dir, stop).await,
     }
 }
 
-async fn deploy_local(experiment: &Experiment, dir: &Path) -> anyhow::Result<Deployed> {
+async fn deploy_local(
+    experiment: &Experiment,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<Deployed> {
     let supervisor = start(
         experiment.topology,
         &experiment.options,
         &experiment.broker,
         dir,
+        stop,
     )
     .await?;
     let endpoints = Endpoints::of(supervisor.running().iter().map(|r| &r.spec))?;
@@ -708,7 +709,19 @@ pub async fn demo(
         };
         runs.push(run(&experiment, stop).await?);
     }
-    let summaries = crate::analyze::write_report(&runs, out)?;
+    let then = format!(
+        "both runs are complete; `lps analyze {} --out {}` makes the report",
+        runs.iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        out.display()
+    );
+    let into = out.to_owned();
+    let summaries = crate::signals::blocking_or_interrupted(stop, &then, move || {
+        crate::analyze::write_report(&runs, &into)
+    })
+    .await?;
     println!("{}", crate::analyze::table(&summaries));
     let report = out.join("report.html");
     println!("report: {}", report.display());

@@ -1,17 +1,21 @@
 //! The LPS command line.
 //!
 //! `lps up <topology>` runs a topology as local processes on 127.0.0.1 with the compose
-//! wiring and ports, prints the entry URLs, and stops everything on Ctrl-C. Every service
+//! wiring and ports, prints the entry URLs, and stops everything on Ctrl-C, SIGTERM or
+//! SIGHUP (a closed terminal); its services die with it whatever kills it. Every service
 //! is this executable re-run as `lps service <program>`, so `cargo run -p lps` is all a
 //! machine with the Rust toolchain needs.
 
 pub mod analyze;
 pub mod bench;
 pub mod dead_letters;
+pub mod duration;
 pub mod experiment;
 pub mod faults;
 pub mod load;
 pub mod records;
+pub mod signals;
+pub mod stale;
 pub mod supervisor;
 pub mod topology;
 
@@ -19,9 +23,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::Supervisor;
-use crate::topology::{Broker, Options, Program, Topology};
+use crate::topology::{Broker, Options, Program, ServiceSpec, Topology};
 
 /// The control socket of an `lps up`, in its run folder (see [`faults::serve_control`]).
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -81,13 +86,27 @@ pub fn run_dir(out: Option<PathBuf>, topology: Topology) -> anyhow::Result<PathB
     Ok(dir)
 }
 
-/// Starts every service of `topology`; on failure stops what was started.
+/// Starts every service of `topology`; on failure, or when `stop` fires meanwhile, stops
+/// what was started (in order) and fails.
 pub async fn start(
     topology: Topology,
     options: &Options,
     broker: &BrokerChoice,
     dir: &std::path::Path,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Supervisor> {
+    let specs = plan(topology, options, broker, dir)?;
+    launch(specs, dir, stop).await
+}
+
+/// The services of `topology` with `broker`, in start order (writes the Mosquitto
+/// configuration of the run).
+fn plan(
+    topology: Topology,
+    options: &Options,
+    broker: &BrokerChoice,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<ServiceSpec>> {
     let broker = match (topology, broker) {
         (Topology::Legacy, _) => None,
         (Topology::Ng, BrokerChoice::External(host, port)) => Some(Broker::External {
@@ -120,12 +139,36 @@ pub async fn start(
     {
         write_mosquitto_config(config, spec.port)?;
     }
+    Ok(specs)
+}
+
+/// Starts `specs` in order, each once healthy; see [`start`].
+async fn launch(
+    specs: Vec<ServiceSpec>,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<Supervisor> {
     let mut supervisor = Supervisor::new(dir)?;
     for spec in specs {
         let name = spec.name.clone();
-        if let Err(e) = supervisor.start(spec).await {
+        // A service interrupted before it was healthy is killed (dropping its child does).
+        let started = tokio::select! {
+            started = supervisor.start(spec) => started.context(format!("starting {name}")),
+            () = stop.cancelled() => Err(anyhow::anyhow!(
+                "{} while starting {name}; stopped what was started",
+                signals::interruption()
+            )),
+        };
+        if let Err(e) = started {
+            if stop.is_cancelled() {
+                eprintln!(
+                    "{} while starting: stopping the {} services started so far",
+                    signals::interruption(),
+                    supervisor.running().len()
+                );
+            }
             supervisor.stop_all(Duration::from_secs(5)).await;
-            return Err(e.context(format!("starting {name}")));
+            return Err(e);
         }
     }
     Ok(supervisor)
@@ -144,15 +187,22 @@ fn write_mosquitto_config(path: &std::path::Path, port: u16) -> anyhow::Result<(
     std::fs::write(path, config).with_context(|| format!("writing {}", path.display()))
 }
 
-/// `lps up`: start, print the entry URLs, wait for Ctrl-C (or SIGTERM), stop.
+/// `lps up`: start, print the entry URLs, wait for `stop` (Ctrl-C, SIGTERM, SIGHUP), stop.
+/// Ports still held by services an earlier `lps up` left behind are named, or freed first
+/// with `replace` (see [`stale`]).
 pub async fn up(
     topology: Topology,
     options: Options,
     broker: BrokerChoice,
     out: Option<PathBuf>,
+    replace: bool,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = run_dir(out, topology)?;
-    let supervisor = start(topology, &options, &broker, &dir).await?;
+    let specs = plan(topology, &options, &broker, &dir)?;
+    let ports: Vec<u16> = specs.iter().map(|s| s.port).collect();
+    signals::or_interrupted(&stop, stale::make_room(&ports, replace)).await?;
+    let supervisor = launch(specs, &dir, &stop).await?;
     println!(
         "{topology} topology is up; logs in {}",
         supervisor.logs().display()
@@ -179,7 +229,6 @@ pub async fn up(
     println!("press Ctrl-C to stop");
     let logs = supervisor.logs().to_owned();
     let supervisor = std::sync::Arc::new(tokio::sync::Mutex::new(supervisor));
-    let stop = lps_common::server::shutdown_on_signals();
     let control = tokio::spawn(faults::serve_control(
         socket,
         supervisor.clone(),
@@ -196,7 +245,7 @@ pub async fn up(
             }
         }
     }
-    println!("stopping…");
+    println!("{}: stopping…", signals::interruption());
     if let Ok(Err(e)) = control.await {
         eprintln!("warning: {e:#}");
     }

@@ -3,10 +3,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use lps::duration::parse as duration;
 use lps::experiment::{ComposeSetup, Experiment, Platform};
 use lps::faults::Schedule;
 use lps::load::{LoadConfig, Shape};
 use lps::topology::{Options, Program, Topology};
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of glibc malloc: less CPU per request (see BENCHMARKS.md).
 #[global_allocator]
@@ -49,18 +51,18 @@ struct LoadArgs {
     /// Users added per step.
     #[arg(long, default_value_t = 250)]
     step_users: u32,
-    /// Seconds per step.
-    #[arg(long, default_value_t = 60.0)]
-    step_secs: f64,
-    /// Seconds of pause after a step.
-    #[arg(long, default_value_t = 60.0)]
-    pause_secs: f64,
+    /// Time per step: 60, 60s, 1m, 1m30s, 500ms (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1m")]
+    step_secs: Duration,
+    /// Pause after a step: 60, 60s, 1m, 1m30s, 500ms (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1m")]
+    pause_secs: Duration,
     /// At most this many steps.
     #[arg(long, default_value_t = 10)]
     max_steps: u32,
-    /// Seconds of load (users and rate).
-    #[arg(long, default_value_t = 60.0)]
-    duration: f64,
+    /// Load time (users and rate): 60, 60s, 1m, 1m30s, 500ms (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1m")]
+    duration: Duration,
     /// Background users sending one non-alarm command per second to the simulator.
     #[arg(long, default_value_t = 0)]
     background_users: u32,
@@ -73,8 +75,8 @@ impl LoadArgs {
         } else if self.steps {
             Shape::Steps {
                 step_users: self.step_users,
-                step: Duration::from_secs_f64(self.step_secs),
-                pause: Duration::from_secs_f64(self.pause_secs),
+                step: self.step_secs,
+                pause: self.pause_secs,
                 max_steps: self.max_steps,
             }
         } else {
@@ -96,9 +98,10 @@ struct FaultArgs {
     /// uses `compose stop`).
     #[arg(long)]
     graceful: bool,
-    /// Seconds to wait for the backlog to drain after the load.
-    #[arg(long, default_value_t = 120.0)]
-    drain_timeout: f64,
+    /// How long to wait for the backlog to drain after the load: 120, 2m, 90s (a bare
+    /// number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "2m")]
+    drain_timeout: Duration,
 }
 
 /// The compose command.
@@ -126,9 +129,10 @@ struct ComposeArgs {
     /// Leave the compose topology running afterwards, also after Ctrl-C (no `down`).
     #[arg(long, requires = "compose")]
     keep_up: bool,
-    /// Seconds to wait after `up` for the entry services and the simulator (compose).
-    #[arg(long, default_value_t = 300.0)]
-    ready_timeout: f64,
+    /// How long to wait after `up` for the entry services and the simulator (compose): 300,
+    /// 5m, 90s (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5m")]
+    ready_timeout: Duration,
 }
 
 impl ComposeArgs {
@@ -143,14 +147,16 @@ impl ComposeArgs {
             )?,
             clean: self.clean,
             keep_up: self.keep_up,
-            ready_timeout: Duration::from_secs_f64(self.ready_timeout),
+            ready_timeout: self.ready_timeout,
         }))
     }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a topology as local processes on 127.0.0.1 with the compose ports; Ctrl-C stops it.
+    /// Start a topology as local processes on 127.0.0.1 with the compose ports; Ctrl-C,
+    /// SIGTERM or SIGHUP (a closed terminal) stops it, and its services die with it whatever
+    /// kills it.
     Up {
         /// Which topology.
         topology: Topology,
@@ -163,6 +169,10 @@ enum Command {
         /// Use free ports picked by the system instead of the compose ports.
         #[arg(long, conflicts_with = "port_offset")]
         ephemeral_ports: bool,
+        /// Stop the services an earlier `lps up` left behind on these ports first (without
+        /// it, `lps up` names them and the command that stops them).
+        #[arg(long)]
+        replace: bool,
         #[command(flatten)]
         topology_args: TopologyArgs,
     },
@@ -204,9 +214,9 @@ enum Command {
     /// The baseline and the NG experiment back to back under the same load and faults, and a
     /// side-by-side report.
     Demo {
-        /// Seconds of load for each topology.
-        #[arg(long, default_value_t = 40.0)]
-        duration: f64,
+        /// Load time for each topology: 40, 40s, 1m30s (a bare number is seconds).
+        #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "40s")]
+        duration: Duration,
         /// Closed-loop users.
         #[arg(long, default_value_t = 10)]
         users: u32,
@@ -264,12 +274,12 @@ enum Command {
         /// Scenarios (default: all). Ceilings a scenario is compared with run too.
         #[arg(value_enum)]
         scenarios: Vec<lps::bench::Scenario>,
-        /// Seconds measured per figure.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        /// Seconds of unmeasured load before each figure.
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
+        /// Time measured per figure: 5, 5s, 500ms, 1m (a bare number is seconds).
+        #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+        duration: Duration,
+        /// Unmeasured load before each figure: 1, 1s, 500ms (a bare number is seconds).
+        #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
+        warmup: Duration,
         /// Connection counts.
         #[arg(long, value_delimiter = ',', default_values_t = [8, 50])]
         connections: Vec<usize>,
@@ -279,9 +289,10 @@ enum Command {
         /// NG broker: auto (Mosquitto when installed, else embedded), embedded, mosquitto, or mqtt://HOST:PORT.
         #[arg(long, default_value = "auto")]
         broker: lps::BrokerChoice,
-        /// Seconds NG may take to deliver what it acknowledged.
-        #[arg(long, default_value_t = 30.0)]
-        drain_timeout: f64,
+        /// How long NG may take to deliver what it acknowledged: 30, 30s, 2m (a bare number is
+        /// seconds).
+        #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "30s")]
+        drain_timeout: Duration,
         /// Measure everything this many times and report the median of each figure.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -336,19 +347,44 @@ fn options(args: &TopologyArgs) -> Options {
     }
 }
 
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .inspect_err(|e| eprintln!("error: cannot start the runtime: {e}"))
+        .ok()
+}
+
+/// Runs `work`, which starts nothing that could outlive it: Ctrl-C just ends the process.
 fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `work` with a token that SIGINT, SIGTERM and SIGHUP fire (installed before `work`
+/// starts anything), which `work` answers by stopping what it started. A failure after such
+/// a signal exits with 128 + its number (130 for Ctrl-C).
+fn block_on_stoppable<F>(work: impl FnOnce(CancellationToken) -> F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let result = runtime.block_on(async { work(lps::signals::stop_on_signals()?).await });
+    // An interrupted analysis may still run on a blocking thread: do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            lps::signals::exit_code().map_or(ExitCode::FAILURE, ExitCode::from)
         }
     }
 }
@@ -394,6 +430,7 @@ fn main() -> ExitCode {
             out,
             port_offset,
             ephemeral_ports,
+            replace,
             topology_args,
         } => {
             let options = Options {
@@ -401,7 +438,9 @@ fn main() -> ExitCode {
                 ephemeral_ports,
                 ..options(&topology_args)
             };
-            block_on(lps::up(topology, options, topology_args.broker, out))
+            block_on_stoppable(|stop| {
+                lps::up(topology, options, topology_args.broker, out, replace, stop)
+            })
         }
         Command::Load {
             entries,
@@ -409,13 +448,13 @@ fn main() -> ExitCode {
             background,
             http2,
             out,
-        } => block_on(async move {
+        } => block_on_stoppable(|stop| async move {
             let dir = out.unwrap_or_else(|| timestamped("load"));
             std::fs::create_dir_all(&dir)?;
             let config = LoadConfig {
                 entries,
                 shape: load.shape(),
-                duration: Duration::from_secs_f64(load.duration),
+                duration: load.duration,
                 wait: Duration::from_secs(1),
                 http2,
                 background_users: if background.is_some() {
@@ -428,7 +467,6 @@ fn main() -> ExitCode {
                 ledger: dir.join(lps::records::CLIENT_LEDGER),
                 progress: true,
             };
-            let stop = lps_common::server::shutdown_on_signals();
             let report = lps::load::run(config, stop).await?;
             println!("{}", report.table());
             println!(
@@ -444,24 +482,33 @@ fn main() -> ExitCode {
             load,
             faults,
             out,
-        } => block_on(async move {
+        } => block_on_stoppable(|stop| async move {
             let experiment = Experiment {
                 topology,
                 platform: compose.platform()?,
                 broker: topology_args.broker.clone(),
                 options: options(&topology_args),
                 shape: load.shape(),
-                duration: Duration::from_secs_f64(load.duration),
+                duration: load.duration,
                 background_users: load.background_users,
                 faults: faults.faults,
                 scale: faults.scale,
                 graceful: faults.graceful,
-                drain_timeout: Duration::from_secs_f64(faults.drain_timeout),
+                drain_timeout: faults.drain_timeout,
                 out: out.unwrap_or_else(|| timestamped(&topology.to_string())),
             };
-            let stop = lps_common::server::shutdown_on_signals();
             let dir = lps::experiment::run(&experiment, &stop).await?;
-            let summaries = lps::analyze::write_report(std::slice::from_ref(&dir), &dir)?;
+            let runs = vec![dir.clone()];
+            let out = dir.clone();
+            let summaries = lps::signals::blocking_or_interrupted(
+                &stop,
+                &format!(
+                    "the run is complete; `lps analyze {}` makes its report",
+                    dir.display()
+                ),
+                move || lps::analyze::write_report(&runs, &out),
+            )
+            .await?;
             println!("{}", lps::analyze::table(&summaries));
             println!("report: {}", dir.join("report.html").display());
             Ok(())
@@ -474,9 +521,8 @@ fn main() -> ExitCode {
             graceful,
             topology_args,
             out,
-        } => block_on(async move {
+        } => block_on_stoppable(|stop| async move {
             let out = out.unwrap_or_else(|| timestamped("demo"));
-            let load = Duration::from_secs_f64(duration);
             // Fit the whole fault schedule (planned for the NG services, the longer one) into
             // 80 % of the load time.
             let ng: Vec<String> = lps::topology::services(Topology::Ng, &Options::default(), None)
@@ -485,7 +531,7 @@ fn main() -> ExitCode {
                 .collect();
             let full = lps::faults::span(&lps::faults::plan(faults, &ng, 1.0)).as_secs_f64();
             let scale = if full > 0.0 {
-                duration * 0.8 / full
+                duration.as_secs_f64() * 0.8 / full
             } else {
                 1.0
             };
@@ -495,7 +541,7 @@ fn main() -> ExitCode {
                 broker: topology_args.broker.clone(),
                 options: options(&topology_args),
                 shape: Shape::Users(users),
-                duration: load,
+                duration,
                 background_users,
                 faults,
                 scale,
@@ -503,7 +549,6 @@ fn main() -> ExitCode {
                 drain_timeout: Duration::from_secs(60),
                 out: out.clone(),
             };
-            let stop = lps_common::server::shutdown_on_signals();
             lps::experiment::demo(&template, &out, &stop).await?;
             Ok(())
         }),
@@ -515,13 +560,12 @@ fn main() -> ExitCode {
             scale,
             graceful,
             out,
-        } => block_on(async move {
+        } => block_on_stoppable(|stop| async move {
             let signal = if graceful {
                 lps::supervisor::Signal::SIGTERM
             } else {
                 lps::supervisor::Signal::SIGKILL
             };
-            let stop = lps_common::server::shutdown_on_signals();
             if !compose.is_empty() {
                 let target = lps::faults::Compose::new(&compose_command.compose_command, compose)?;
                 target.check().await?;
@@ -548,23 +592,23 @@ fn main() -> ExitCode {
             drain_timeout,
             rounds,
             out,
-        } => block_on(async move {
+        } => block_on_stoppable(|stop| async move {
             let options = lps::bench::BenchOptions {
                 scenarios: if scenarios.is_empty() {
                     <lps::bench::Scenario as clap::ValueEnum>::value_variants().to_vec()
                 } else {
                     scenarios
                 },
-                duration: Duration::from_secs_f64(duration),
-                warmup: Duration::from_secs_f64(warmup),
+                duration,
+                warmup,
                 connections,
                 sizes,
                 broker,
-                drain_timeout: Duration::from_secs_f64(drain_timeout),
+                drain_timeout,
                 out: out.unwrap_or_else(|| timestamped("bench")),
                 rounds,
             };
-            let report = lps::bench::run(&options).await?;
+            let report = lps::bench::run(&options, &stop).await?;
             println!("{}", lps::bench::table(&report));
             println!("figures: {}", options.out.join("bench.json").display());
             Ok(())

@@ -4,9 +4,21 @@
 //! `cargo run -p lps` builds everything a topology needs. Every child gets a clean
 //! environment (plus `PATH`, `HOME`, `TZ`, `LOG`), listens on 127.0.0.1, logs to
 //! `<run>/logs/<name>.log`, and has its stderr in `<run>/logs/<name>.stderr`.
+//!
+//! The services die with their supervisor, whatever kills it. `lps` stops them in order on
+//! SIGINT, SIGTERM and SIGHUP ([`crate::signals`]); for what it cannot catch (SIGKILL, a
+//! crash) every child asks the kernel for SIGKILL when its parent dies
+//! (`PR_SET_PDEATHSIG`). That signal is sent when the *thread* that forked the child ends,
+//! so every child is forked by one thread that lives as long as the process (see
+//! [`spawn`]). SIGKILL and not SIGTERM: a supervisor that died without stopping its
+//! services crashed, and its services then go at once, as in a fault, rather than wait out
+//! their grace period for peers that are gone. Each child also carries
+//! `LPS_SUPERVISOR=<pid of lps>`, by which a later `lps up` recognises services left
+//! behind ([`crate::stale`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -16,6 +28,73 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::topology::{Health, Program, ServiceSpec};
+
+/// The environment variable naming the `lps` process that started a service.
+pub const SUPERVISOR_ENV: &str = "LPS_SUPERVISOR";
+
+/// A command to spawn, the runtime to register the child with, and where to answer.
+type SpawnRequest = (
+    Command,
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<std::io::Result<Child>>,
+);
+
+/// Spawns `command` from the spawner thread, which is never joined and so lives as long
+/// as the process.
+///
+/// Why a thread of its own: `PR_SET_PDEATHSIG` fires when the thread that forked ends.
+/// Services are started from the `block_on` thread and from Tokio workers (a restart
+/// through the control socket of `lps up`); a worker that ran `block_in_place`, or a
+/// blocking-pool thread, can end while the supervisor lives on, which would kill the
+/// services it had forked. (A cancelled `spawn` drops the child: `kill_on_drop` kills it.)
+async fn spawn(command: Command) -> std::io::Result<Child> {
+    static SPAWNER: Mutex<Option<mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
+    let sender = {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*spawner {
+            Some(sender) => sender.clone(),
+            None => {
+                let (sender, requests) = mpsc::channel::<SpawnRequest>();
+                std::thread::Builder::new()
+                    .name("lps-spawner".into())
+                    .spawn(move || {
+                        for (mut command, runtime, answer) in requests {
+                            // Tokio registers the child with the runtime that waits for it.
+                            let _runtime = runtime.enter();
+                            let _ = answer.send(command.spawn());
+                        }
+                    })?;
+                spawner.insert(sender).clone()
+            }
+        }
+    };
+    let (answer, spawned) = tokio::sync::oneshot::channel();
+    sender
+        .send((command, tokio::runtime::Handle::current(), answer))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    spawned
+        .await
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// Makes the child of `command` receive SIGKILL when this process dies.
+#[allow(unsafe_code)]
+fn die_with_supervisor(command: &mut Command) {
+    let supervisor = nix::unistd::getpid();
+    // SAFETY: `pre_exec` runs the closure in the forked child before `exec`, where only
+    // async-signal-safe calls are sound. It makes two system calls (prctl, getppid) and
+    // allocates nothing: the error is a raw OS error.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != supervisor {
+                // The supervisor died between fork and prctl: no signal would come.
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// A running service.
 #[derive(Debug)]
@@ -92,7 +171,10 @@ impl Supervisor {
                 "Mosquitto is not installed (apt-get install mosquitto), or use --broker embedded",
             )?;
             let mut command = Command::new(binary);
-            command.args(&spec.args).env_clear();
+            command
+                .args(&spec.args)
+                .env_clear()
+                .env("SERVICE_NAME", &spec.name);
             command
         } else {
             let mut command = Command::new(&self.exe);
@@ -120,7 +202,9 @@ impl Supervisor {
             // Own process group: a Ctrl-C in the terminal reaches lps only, which then
             // stops the services in order.
             .process_group(0)
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            .env(SUPERVISOR_ENV, std::process::id().to_string());
+        die_with_supervisor(&mut command);
         for key in ["PATH", "HOME", "TZ", "LOG"] {
             if let Some(value) = std::env::var_os(key) {
                 command.env(key, value);
@@ -129,8 +213,8 @@ impl Supervisor {
         for (key, value) in &spec.env {
             command.env(key, value);
         }
-        let child = command
-            .spawn()
+        let child = spawn(command)
+            .await
             .with_context(|| format!("starting {}", spec.name))?;
         let mut running = Running { spec, child };
         self.wait_healthy(&mut running).await?;
