@@ -19,6 +19,7 @@ COPY . .
 RUN set -eu; \
     mkdir -p /plan; \
     cp Cargo.toml Cargo.lock /plan/; \
+    cp -r vendor /plan/; \
     for manifest in crates/*/Cargo.toml; do \
         crate="${manifest%/Cargo.toml}"; \
         mkdir -p "/plan/$crate/src"; \

@@ -16,6 +16,15 @@
 //! the per-client queue limits (10,000 messages / 64 MiB, beyond which the oldest are
 //! dropped) to 10 million messages / 4 GiB, so that a backlog is never dropped in an
 //! experiment.
+//!
+//! The crate itself carries a local patch (`vendor/mqtt5`, the same 0.49.0 through
+//! `[patch.crates-io]`; `vendor/mqtt5/LPS-PATCH.md` has the diff): the published broker adds
+//! `x-mqtt-client-id` and `x-mqtt-sender` user properties to every message it forwards,
+//! which MQTT v5 forbids (user properties go through unaltered and in order) and which tells
+//! every subscriber every publisher's client id; it has no setting for that, so the patch
+//! removes it. It also makes the broker send DISCONNECT with a reason on a bad topic alias.
+//! `tests/it` checks the broker against the MQTT v5 specification side by side with
+//! Mosquitto (README.adoc has the table).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
