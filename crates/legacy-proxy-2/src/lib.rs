@@ -276,9 +276,9 @@ enum Verdict {
     DeadLetter(&'static str, String),
 }
 
-/// Paces the retry path while the target keeps failing: after a failure, retries go one at
-/// a time, each after the capped backoff of the failure streak; a success anywhere (a
-/// first delivery too) ends the streak and lets retries flow at full rate.
+/// Paces the retry path while the target keeps failing: after a failed retry, retries go one
+/// at a time, each after the capped backoff of the streak of failed retries; a success
+/// anywhere (a first delivery too) ends the streak and lets retries flow at full rate.
 struct Pacer {
     failures: AtomicU32,
     next_try: std::sync::Mutex<Instant>,
@@ -629,13 +629,13 @@ impl Bridge {
                 error!(topic = %packet.topic_name, %detail, "handling a message panicked");
                 Verdict::DeadLetter("panic", format!("handling panicked: {detail}"))
             });
-        let settled = AssertUnwindSafe(self.settle(path, &packet, attempt, verdict))
+        let settled = AssertUnwindSafe(self.settle(&packet, attempt, verdict))
             .catch_unwind()
             .await;
         if let Err(panic) = settled {
             let detail = panic_message(&*panic);
             error!(topic = %packet.topic_name, %detail, "settling a message panicked");
-            self.dead_letter(path, &packet, attempt, "panic", detail)
+            self.dead_letter(&packet, attempt, "panic", detail)
                 .await;
         }
         token.ack();
@@ -658,7 +658,13 @@ impl Bridge {
         };
         let verdict = self.forward(&packet.payload, &request_id).await;
         match verdict {
-            Verdict::Retry(_) => self.pacer.failed(&self.config, &self.metrics),
+            // Only the retry path's own trials lengthen its pace, one step per trial, so
+            // the pace grows with the length of the outage (0.5 s, 1 s, 2 s, ... up to the
+            // cap), not with the rate of first deliveries failing meanwhile.
+            Verdict::Retry(_) if path == Path::Retry => {
+                self.pacer.failed(&self.config, &self.metrics);
+            }
+            Verdict::Retry(_) => {}
             _ => self.pacer.succeeded(&self.metrics),
         }
         verdict
@@ -680,7 +686,7 @@ impl Bridge {
     }
 
     /// Hands the message on after `verdict`; returns once it is safe to acknowledge.
-    async fn settle(&self, path: Path, packet: &PublishPacket, attempt: u32, verdict: Verdict) {
+    async fn settle(&self, packet: &PublishPacket, attempt: u32, verdict: Verdict) {
         match verdict {
             Verdict::Forwarded => {
                 self.metrics.forwarded.inc();
@@ -689,7 +695,7 @@ impl Bridge {
                 if self.config.max_attempts != 0 && attempt >= self.config.max_attempts =>
             {
                 let detail = format!("gave up after {attempt} attempts: {why}");
-                self.dead_letter(path, packet, attempt, "max_attempts", detail)
+                self.dead_letter(packet, attempt, "max_attempts", detail)
                     .await;
             }
             Verdict::Retry(why) => {
@@ -708,7 +714,7 @@ impl Bridge {
                 ];
                 let topic = retry_topic(&self.config.mqtt.client_id);
                 match self
-                    .republish(path, &topic, &packet.payload, options, true)
+                    .republish(&topic, &packet.payload, options, true)
                     .await
                 {
                     Ok(()) => {
@@ -718,13 +724,13 @@ impl Bridge {
                         let detail =
                             format!("the broker refused the retry topic {topic}: {refused}");
                         error!(%detail, "cannot retry; dead-lettering instead");
-                        self.dead_letter(path, packet, attempt, "retry_refused", detail)
+                        self.dead_letter(packet, attempt, "retry_refused", detail)
                             .await;
                     }
                 }
             }
             Verdict::DeadLetter(reason, detail) => {
-                self.dead_letter(path, packet, attempt, reason, detail)
+                self.dead_letter(packet, attempt, reason, detail)
                     .await;
             }
         }
@@ -797,7 +803,6 @@ impl Bridge {
     /// broker that refuses even that holds it here, trying again and saying so.
     async fn dead_letter(
         &self,
-        path: Path,
         packet: &PublishPacket,
         attempt: u32,
         reason: &'static str,
@@ -814,7 +819,7 @@ impl Bridge {
         );
         let mut stuck = false;
         while let Err(refused) = self
-            .republish(path, &topic, &packet.payload, options.clone(), false)
+            .republish(&topic, &packet.payload, options.clone(), false)
             .await
         {
             if !stuck {
@@ -840,13 +845,15 @@ impl Bridge {
     /// broker's refusal, which trying again cannot mend.
     async fn republish(
         &self,
-        path: Path,
         topic: &str,
         payload: &Bytes,
         options: PublishOptions,
         needs_group: bool,
     ) -> Result<(), PublishError> {
-        let link = &self.client(path).link;
+        // Through the control client: its session starts clean in every process, so a
+        // republish never reuses a packet id that a killed predecessor left in flight (a
+        // conforming broker takes such a PUBLISH as a duplicate and drops it).
+        let link = &self.control.link;
         let mut wait = Duration::from_millis(100);
         loop {
             if needs_group {
