@@ -92,21 +92,7 @@ async fn post(url: &str, id: &str) -> reqwest::Response {
 }
 
 async fn wait_ready(server: &TestServer) {
-    let url = server.url("/readyz");
-    eventually("legacy-proxy-1 ready", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            http1_client()
-                .get(url)
-                .send()
-                .await
-                .ok()?
-                .status()
-                .is_success()
-                .then_some(())
-        }
-    })
-    .await;
+    restart::ready_within(&server.url("/readyz"), Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,8 @@ async fn foreign_subscriber(port: u16) -> (MqttClient, Arc<Mutex<Vec<Message>>>)
     (client, seen)
 }
 
-async fn ready_within(url: &str, within: Duration) {
+/// Waits until `url` (a `/readyz`) answers 200, at most `within`.
+pub(crate) async fn ready_within(url: &str, within: Duration) {
     eventually("legacy-proxy-1 ready", within, || async {
         http1_client()
             .get(url)
