@@ -635,8 +635,7 @@ impl Bridge {
         if let Err(panic) = settled {
             let detail = panic_message(&*panic);
             error!(topic = %packet.topic_name, %detail, "settling a message panicked");
-            self.dead_letter(&packet, attempt, "panic", detail)
-                .await;
+            self.dead_letter(&packet, attempt, "panic", detail).await;
         }
         token.ack();
         self.metrics.in_flight.dec();
@@ -713,10 +712,7 @@ impl Bridge {
                     ("last-error".to_owned(), why),
                 ];
                 let topic = retry_topic(&self.config.mqtt.client_id);
-                match self
-                    .republish(&topic, &packet.payload, options, true)
-                    .await
-                {
+                match self.republish(&topic, &packet.payload, options, true).await {
                     Ok(()) => {
                         self.metrics.retried.inc();
                     }
@@ -730,8 +726,7 @@ impl Bridge {
                 }
             }
             Verdict::DeadLetter(reason, detail) => {
-                self.dead_letter(packet, attempt, reason, detail)
-                    .await;
+                self.dead_letter(packet, attempt, reason, detail).await;
             }
         }
     }
