@@ -739,34 +739,9 @@ impl Bridge {
         }
     }
 
-    fn validate(&self, payload: &[u8]) -> Result<RequestId, (&'static str, String)> {
-        if payload.len() > self.config.max_payload_bytes {
-            return Err((
-                "too_large",
-                format!(
-                    "payload of {} bytes exceeds MAX_PAYLOAD_BYTES={}",
-                    payload.len(),
-                    self.config.max_payload_bytes
-                ),
-            ));
-        }
-        let value: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|e| ("not_json", format!("payload is not JSON: {e}")))?;
-        let id = match value.get("request_id") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(other) => {
-                return Err((
-                    "no_request_id",
-                    format!("request_id is not a decimal id: {other}"),
-                ));
-            }
-            None if value.is_object() => {
-                return Err(("no_request_id", "payload has no request_id".to_owned()));
-            }
-            None => return Err(("not_json", "payload is not a JSON object".to_owned())),
-        };
-        RequestId::parse(&id).map_err(|e| ("no_request_id", e.message))
+    /// The checks of [`lps_common::wire::validate_payload`] (fuzzed in `lps-fuzz`).
+    fn validate(&self, payload: &[u8]) -> Result<RequestId, lps_common::wire::PayloadRejection> {
+        lps_common::wire::validate_payload(payload, self.config.max_payload_bytes)
     }
 
     async fn forward(&self, payload: &Bytes, request_id: &RequestId) -> Verdict {

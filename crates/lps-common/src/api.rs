@@ -4,12 +4,19 @@
 //! `{"status":"error","error":"<code>","message":"<what is wrong>"}` with a 4xx status for
 //! bad input and 502/503/504 for a failure downstream.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
+use hyper::body::Frame;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// An error answered to the client as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,7 +113,9 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// The raw body, bounded by the router's `DefaultBodyLimit`, with JSON errors.
+/// The raw body, bounded by the router's `DefaultBodyLimit`, with JSON errors: 413 when it
+/// is too large, 408 when it did not arrive within `BODY_READ_TIMEOUT_MS`, 503 with
+/// `Retry-After` when a [`BodyBudget`] had no memory for it in time, 400 otherwise.
 #[derive(Debug)]
 pub struct Body(pub Bytes);
 
@@ -118,6 +127,9 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .await
             .map(Body)
             .map_err(|rejection| {
+                if let Some(error) = body_error(&rejection) {
+                    return error;
+                }
                 let status = rejection.status();
                 let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     "body_too_large"
@@ -129,21 +141,69 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
+/// The answer to a body that failed because of a server limit (found anywhere in the
+/// error's chain of causes), if it did.
+fn body_error(error: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(timeout) = error.downcast_ref::<crate::server::BodyReadTimeout>() {
+            return Some(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                timeout.to_string(),
+            ));
+        }
+        if let Some(busy) = error.downcast_ref::<BudgetExhausted>() {
+            return Some(busy.to_api_error());
+        }
+        cause = error.source();
+    }
+    None
+}
+
 /// How many times a relay holds a buffered body at once (see [`BodyBudget`]).
 const COPIES: u64 = 3;
 
 /// Bodies up to this many bytes are read without reserving from a [`BodyBudget`].
 pub const SMALL_BODY_BYTES: u64 = 64 << 10;
 
+/// How long a body waits for a [`BodyBudget`] when the server's [`Limits`] do not say.
+///
+/// [`Limits`]: crate::server::Limits
+pub const DEFAULT_BUDGET_WAIT: Duration = Duration::from_secs(5);
+
+/// The error of a body that found no room in a [`BodyBudget`] within its wait; answered
+/// 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "too many large request bodies at once: no memory for this one within {0:?} (BODY_BUDGET_WAIT_MS)"
+)]
+pub struct BudgetExhausted(pub Duration);
+
+impl BudgetExhausted {
+    fn to_api_error(self) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", self.to_string()).with_retry_after(1)
+    }
+}
+
 /// Bounds the memory that large request bodies take at once, whatever the number of
-/// connections: a request whose body is larger than [`SMALL_BODY_BYTES`] (or of unknown
-/// length) reserves its size from a process-wide budget before its body is read, and
-/// waits while the budget is spent. A relay that buffers and re-encodes a body holds it
-/// about three times (as read, as parsed, as re-encoded), so a body reserves three times
-/// its size; without this a relay's memory grows with body size × connections.
+/// connections. A relay that buffers and re-encodes a body holds it about three times (as
+/// read, as parsed, as re-encoded), so a body reserves three times its size from a
+/// process-wide budget; without this a relay's memory grows with body size × connections.
+///
+/// - A body with a `Content-Length` above [`SMALL_BODY_BYTES`] reserves its size before it
+///   is read.
+/// - A body of unknown length (chunked) reserves as its bytes arrive, so a slow upload
+///   holds only what it has sent, never the whole budget.
+///
+/// A body that finds no room within `BODY_BUDGET_WAIT_MS` (the server's
+/// [`Limits::body_budget_wait`], else [`DEFAULT_BUDGET_WAIT`]) is answered 503 with
+/// `Retry-After`. What a request reserved is released once its answer is ready.
+///
+/// [`Limits::body_budget_wait`]: crate::server::Limits::body_budget_wait
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
-    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    bytes: Arc<Semaphore>,
     total: u32,
     max_body: u32,
 }
@@ -153,7 +213,7 @@ impl BodyBudget {
     pub fn new(total: usize, max_body: usize) -> Self {
         let total = u32::try_from(total.max(1)).unwrap_or(u32::MAX >> 3);
         Self {
-            bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            bytes: Arc::new(Semaphore::new(total as usize)),
             total,
             max_body: u32::try_from(max_body).unwrap_or(u32::MAX),
         }
@@ -176,24 +236,154 @@ impl BodyBudget {
         request: Request,
         next: axum::middleware::Next,
     ) -> Response {
+        let wait = request
+            .extensions()
+            .get::<crate::server::Limits>()
+            .map_or(DEFAULT_BUDGET_WAIT, |l| l.body_budget_wait);
         let length = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let need = match length {
-            Some(n) if n <= SMALL_BODY_BYTES => return next.run(request).await,
+        match length {
+            Some(n) if n <= SMALL_BODY_BYTES => next.run(request).await,
             // Too large: the body limit rejects it without reading it.
-            Some(n) if n > u64::from(budget.max_body) => return next.run(request).await,
-            Some(n) => n,
-            None => u64::from(budget.max_body),
+            Some(n) if n > u64::from(budget.max_body) => next.run(request).await,
+            Some(n) => {
+                let need = n.saturating_mul(COPIES).min(u64::from(budget.total));
+                let need = u32::try_from(need).unwrap_or(budget.total);
+                let _permit = match tokio::time::timeout(wait, budget.bytes.acquire_many(need))
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_closed)) => return shutting_down(),
+                    Err(_elapsed) => return BudgetExhausted(wait).to_api_error().into_response(),
+                };
+                next.run(request).await
+            }
+            None => {
+                let held = Arc::new(Mutex::new(Held::default()));
+                let request = request.map(|body| {
+                    axum::body::Body::new(Metered {
+                        inner: body,
+                        budget: budget.clone(),
+                        held: held.clone(),
+                        wait,
+                        waiting: None,
+                    })
+                });
+                let response = next.run(request).await;
+                drop(held);
+                response
+            }
+        }
+    }
+}
+
+fn shutting_down() -> Response {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "closed").into_response()
+}
+
+/// What a body of unknown length has reserved so far.
+#[derive(Default)]
+struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: u64,
+}
+
+type Acquiring = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    Result<OwnedSemaphorePermit, tokio::sync::AcquireError>,
+                    tokio::time::error::Elapsed,
+                >,
+            > + Send,
+    >,
+>;
+
+/// A body of unknown length that reserves from a [`BodyBudget`] as its frames arrive.
+struct Metered {
+    inner: axum::body::Body,
+    budget: BodyBudget,
+    held: Arc<Mutex<Held>>,
+    wait: Duration,
+    /// A frame read but not yet paid for, and the reservation it waits on.
+    waiting: Option<(Frame<Bytes>, Acquiring)>,
+}
+
+impl Metered {
+    fn keep(&self, permit: OwnedSemaphorePermit) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.bytes += permit.num_permits() as u64;
+        match &mut held.permit {
+            Some(all) => all.merge(permit),
+            None => held.permit = Some(permit),
+        }
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some((_, acquiring)) = &mut this.waiting {
+            let result = std::task::ready!(acquiring.as_mut().poll(cx));
+            let (frame, _) = this.waiting.take().expect("a frame waits");
+            return Poll::Ready(Some(match result {
+                Ok(Ok(permit)) => {
+                    this.keep(permit);
+                    Ok(frame)
+                }
+                Ok(Err(_closed)) => Err("the body budget is closed".into()),
+                Err(_elapsed) => Err(BudgetExhausted(this.wait).into()),
+            }));
+        }
+        let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+            None => return Poll::Ready(None),
         };
-        let need = need.saturating_mul(COPIES).min(u64::from(budget.total));
-        let need = u32::try_from(need).unwrap_or(budget.total);
-        let Ok(_permit) = budget.bytes.acquire_many(need).await else {
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "closed")
-                .into_response();
+        let Some(data) = frame.data_ref() else {
+            return Poll::Ready(Some(Ok(frame)));
         };
-        next.run(request).await
+        let reserved = this
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .bytes;
+        let room = u64::from(this.budget.total).saturating_sub(reserved);
+        let need = (data.len() as u64).saturating_mul(COPIES).min(room);
+        let need = u32::try_from(need).unwrap_or(u32::MAX);
+        if need == 0 {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Ok(permit) = this.budget.bytes.clone().try_acquire_many_owned(need) {
+            this.keep(permit);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let acquiring: Acquiring = Box::pin(tokio::time::timeout(
+            this.wait,
+            this.budget.bytes.clone().acquire_many_owned(need),
+        ));
+        this.waiting = Some((frame, acquiring));
+        // Poll the reservation once now so that it registers for a wake-up.
+        self.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.waiting.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

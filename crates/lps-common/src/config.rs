@@ -14,6 +14,10 @@ use std::time::Duration;
 /// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
+/// The longest duration any variable accepts: 30 days. Longer values are typing errors,
+/// and unbounded ones overflow (`Instant + Duration` and `Duration::from_secs_f64` panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Where configuration values come from: the process environment or a map in tests.
 pub trait Lookup {
     /// The value of `key`, if set.
@@ -90,6 +94,11 @@ impl<'a> Env<'a> {
             .filter(|v| !v.is_empty())
     }
 
+    /// The value of `var` exactly as given (spaces kept), if set and not empty.
+    pub fn exact(&self, var: &str) -> Option<String> {
+        self.lookup.get(var).filter(|v| !v.is_empty())
+    }
+
     /// The first of `vars` that is set.
     pub fn raw_any(&self, vars: &[&str]) -> Option<(String, String)> {
         vars.iter()
@@ -135,27 +144,46 @@ impl<'a> Env<'a> {
         }
     }
 
-    /// A duration in milliseconds, or `default`.
+    /// A duration in milliseconds from 0 to [`MAX_DURATION`], or `default`.
     pub fn millis(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
-        let ms = self.number(
-            var,
-            u64::try_from(default.as_millis()).unwrap_or(u64::MAX),
-            0,
-            u64::MAX / 2,
-        )?;
-        Ok(Duration::from_millis(ms))
+        self.millis_in(var, default, Duration::ZERO, MAX_DURATION)
     }
 
-    /// A duration in (possibly fractional) seconds, or `default`.
+    /// A duration in milliseconds in `min..=max`, or `default`.
+    pub fn millis_in(
+        &self,
+        var: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let expected = format!("a number of milliseconds from {} to {}", ms(min), ms(max));
+        let value: u64 = self.parse(var, ms(default), &expected)?;
+        if value < ms(min) || value > ms(max) {
+            return Err(ConfigError::new(var, &value.to_string(), expected));
+        }
+        Ok(Duration::from_millis(value))
+    }
+
+    /// A duration in (possibly fractional) seconds from 0 to [`MAX_DURATION`], or
+    /// `default`.
     pub fn seconds(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
         match self.raw(var) {
             None => Ok(default),
             Some(v) => v
                 .parse::<f64>()
                 .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
-                .ok_or_else(|| ConfigError::new(var, &v, "a non-negative number of seconds")),
+                .filter(|s| s.is_finite() && (0.0..=MAX_DURATION.as_secs_f64()).contains(s))
+                // In range, so this cannot panic (from_secs_f64 does on overflow).
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        var,
+                        &v,
+                        format!("a number of seconds from 0 to {}", MAX_DURATION.as_secs()),
+                    )
+                }),
         }
     }
 }
@@ -183,6 +211,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `MAX_BODY_BYTES`: largest accepted request body (default 4 MiB).
     pub max_body_bytes: usize,
+    /// Connection limits and timeouts (`MAX_CONNECTIONS`, `*_TIMEOUT_MS`, ...).
+    pub limits: crate::server::Limits,
 }
 
 impl ServerConfig {
@@ -198,6 +228,7 @@ impl ServerConfig {
             backlog: env.number("LISTEN_BACKLOG", 4096, 1, 1 << 20)?,
             shutdown_grace: env.seconds("SHUTDOWN_GRACE_SECS", Duration::from_secs(10))?,
             max_body_bytes: env.number("MAX_BODY_BYTES", 4 << 20, 1, 1 << 30)?,
+            limits: crate::server::Limits::from_env(env)?,
         })
     }
 

@@ -10,8 +10,12 @@
 //!
 //! Environment variables read here (each service adds its own):
 //! `HTTP_HOST`, `HTTP_PORT`, `LISTEN_BACKLOG`, `SHUTDOWN_GRACE_SECS`, `MAX_BODY_BYTES`,
+//! the limits of [`server::Limits`] (`MAX_CONNECTIONS`, `FIRST_BYTES_TIMEOUT_MS`,
+//! `HEADER_READ_TIMEOUT_MS`, `BODY_READ_TIMEOUT_MS`, `IDLE_TIMEOUT_MS`,
+//! `HTTP2_KEEPALIVE_INTERVAL_MS`, `HTTP2_KEEPALIVE_TIMEOUT_MS`, `BODY_BUDGET_WAIT_MS`),
 //! `SERVICE_NAME`, `LOG`, `LOG_FORMAT`, `LOG_DIR`, `TARGET_URL`, `USE_HTTP_2`,
-//! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`.
+//! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`, and
+//! the broker settings of [`mqtt`] (`MQTT_*`, including the secure-link ones).
 
 pub mod api;
 pub mod config;

@@ -13,19 +13,30 @@
 //! the client's own, with the same backoff), a [`LinkState`] to watch, and
 //! [`Link::publish`], which waits for the end of the QoS 2 handshake.
 //!
+//! Secure links: `MQTT_USERNAME` with `MQTT_PASSWORD` or `MQTT_PASSWORD_FILE` (never
+//! logged), and TLS with rustls (`MQTT_TLS`, `MQTT_CA_FILE`, optionally
+//! `MQTT_CLIENT_CERT_FILE` and `MQTT_CLIENT_KEY_FILE`). The files are read and checked at
+//! start-up: a missing or unparsable one is a configuration error (exit 64). A broker that
+//! refuses the credentials, or a TLS handshake that fails (unknown CA, wrong name), is
+//! logged at `error` with what to check; the link stays down (so `/readyz` says not ready)
+//! and retries at the longest reconnect delay, never in a tight loop.
+//!
 //! Environment: `MQTT_HOST` (alias `MQTT_BROKER`), `MQTT_PORT`, `MQTT_SESSION_EXPIRY_SECS`,
-//! `MQTT_KEEPALIVE_SECS`, `MQTT_RECONNECT_MIN_MS`, `MQTT_RECONNECT_MAX_MS`.
+//! `MQTT_KEEPALIVE_SECS`, `MQTT_RECONNECT_MIN_MS`, `MQTT_RECONNECT_MAX_MS`,
+//! `MQTT_USERNAME`, `MQTT_PASSWORD`, `MQTT_PASSWORD_FILE`, `MQTT_TLS`, `MQTT_CA_FILE`,
+//! `MQTT_CLIENT_CERT_FILE`, `MQTT_CLIENT_KEY_FILE`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use mqtt5::transport::tls::TlsConfig;
 use mqtt5::{
     ConnectOptions, ConnectionEvent, MqttClient, MqttError, PublishOptions, PublishOutcome,
     PublishResult, QoS,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{ConfigError, Env};
 
@@ -53,6 +64,163 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     /// `MQTT_RECONNECT_MAX_MS`: reconnect delays double up to this (default 5000).
     pub reconnect_max: Duration,
+    /// `MQTT_USERNAME`: the user name sent in CONNECT (default: none, anonymous).
+    pub username: Option<String>,
+    /// `MQTT_PASSWORD`, or the contents of the file `MQTT_PASSWORD_FILE` names (one
+    /// trailing newline dropped): the password sent with `MQTT_USERNAME`. Never logged.
+    pub password: Option<Secret>,
+    /// TLS to the broker, when `MQTT_TLS` is on (or a CA or client certificate is given).
+    pub tls: Option<BrokerTls>,
+}
+
+/// A secret read from the environment: shown as `***` in `Debug` output, so that no log
+/// line or error message carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// A secret holding `bytes`.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// TLS settings of the broker link (rustls; TLS 1.2 and 1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerTls {
+    /// `MQTT_CA_FILE`: PEM certificates of the CAs that may sign the broker's certificate
+    /// (default: the bundled Web PKI roots). The broker's certificate must name `MQTT_HOST`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// `MQTT_CLIENT_CERT_FILE`: a PEM client certificate chain, for brokers that require
+    /// one (`require_certificate true`); needs `MQTT_CLIENT_KEY_FILE`.
+    pub client_cert_pem: Option<Vec<u8>>,
+    /// `MQTT_CLIENT_KEY_FILE`: the PEM private key of the client certificate.
+    pub client_key_pem: Option<Secret>,
+}
+
+impl BrokerTls {
+    /// Reads and checks the TLS files; `None` when TLS is off.
+    fn from_env(env: &Env<'_>) -> Result<Option<Self>, ConfigError> {
+        let ca = read_file(env, "MQTT_CA_FILE")?;
+        let cert = read_file(env, "MQTT_CLIENT_CERT_FILE")?;
+        let key = read_file(env, "MQTT_CLIENT_KEY_FILE")?;
+        let any_file = ca.is_some() || cert.is_some() || key.is_some();
+        let on = match env.raw("MQTT_TLS") {
+            None => any_file,
+            Some(_) => env.flag("MQTT_TLS", false)?,
+        };
+        if !on {
+            if any_file {
+                return Err(ConfigError::new(
+                    "MQTT_TLS",
+                    &env.string("MQTT_TLS", ""),
+                    "1|true|yes when MQTT_CA_FILE, MQTT_CLIENT_CERT_FILE or MQTT_CLIENT_KEY_FILE is set",
+                ));
+            }
+            return Ok(None);
+        }
+        // Parse now, so that a wrong file is a configuration error, not a retry loop.
+        let mut check = TlsConfig::new(([127, 0, 0, 1], 8883).into(), "localhost");
+        if let Some((path, pem)) = &ca
+            && check.load_ca_cert_pem_bytes(pem).is_err()
+        {
+            return Err(ConfigError::new(
+                "MQTT_CA_FILE",
+                path,
+                "a file of PEM certificates (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+        match (&cert, &key) {
+            (None, None) => {}
+            (Some((path, pem)), Some((key_path, key_pem))) => {
+                if check.load_client_cert_pem_bytes(pem).is_err() {
+                    return Err(ConfigError::new(
+                        "MQTT_CLIENT_CERT_FILE",
+                        path,
+                        "a file of PEM certificates (-----BEGIN CERTIFICATE-----)",
+                    ));
+                }
+                if check.load_client_key_pem_bytes(key_pem).is_err()
+                    || check.client_config().is_err()
+                {
+                    return Err(ConfigError::new(
+                        "MQTT_CLIENT_KEY_FILE",
+                        key_path,
+                        "the PEM private key of MQTT_CLIENT_CERT_FILE",
+                    ));
+                }
+            }
+            (Some((path, _)), None) => {
+                return Err(ConfigError::new(
+                    "MQTT_CLIENT_KEY_FILE",
+                    "",
+                    format!("the PEM private key of MQTT_CLIENT_CERT_FILE={path}"),
+                ));
+            }
+            (None, Some((path, _))) => {
+                return Err(ConfigError::new(
+                    "MQTT_CLIENT_CERT_FILE",
+                    "",
+                    format!("the PEM certificate of MQTT_CLIENT_KEY_FILE={path}"),
+                ));
+            }
+        }
+        Ok(Some(Self {
+            ca_pem: ca.map(|(_, pem)| pem),
+            client_cert_pem: cert.map(|(_, pem)| pem),
+            client_key_pem: key.map(|(_, pem)| Secret(pem)),
+        }))
+    }
+}
+
+/// The path in `var` and the file's contents, if `var` is set.
+fn read_file(env: &Env<'_>, var: &str) -> Result<Option<(String, Vec<u8>)>, ConfigError> {
+    let Some(path) = env.raw(var) else {
+        return Ok(None);
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some((path, bytes))),
+        Err(e) => Err(ConfigError::new(
+            var,
+            &path,
+            format!("a readable file ({e})"),
+        )),
+    }
+}
+
+/// The password from `MQTT_PASSWORD` or `MQTT_PASSWORD_FILE` (not both).
+fn password_from_env(env: &Env<'_>) -> Result<Option<Secret>, ConfigError> {
+    // Not `raw`: a password may begin or end with spaces.
+    let inline = env.exact("MQTT_PASSWORD");
+    match (inline, read_file(env, "MQTT_PASSWORD_FILE")?) {
+        (Some(_), Some((path, _))) => Err(ConfigError::new(
+            "MQTT_PASSWORD_FILE",
+            &path,
+            "unset while MQTT_PASSWORD is set (give the password one way)",
+        )),
+        (Some(password), None) => Ok(Some(Secret(password.into_bytes()))),
+        (None, Some((_, mut bytes))) => {
+            if bytes.ends_with(b"\n") {
+                bytes.pop();
+                if bytes.ends_with(b"\r") {
+                    bytes.pop();
+                }
+            }
+            Ok(Some(Secret(bytes)))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 impl MqttConfig {
@@ -85,24 +253,39 @@ impl MqttConfig {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
+        let tls = BrokerTls::from_env(env)?;
+        let username = env.raw("MQTT_USERNAME");
+        let password = password_from_env(env)?;
+        if password.is_some() && username.is_none() {
+            return Err(ConfigError::new(
+                "MQTT_USERNAME",
+                "",
+                "a user name for the password in MQTT_PASSWORD or MQTT_PASSWORD_FILE",
+            ));
+        }
+        let default_port = if tls.is_some() { 8883 } else { 1883 };
         Ok(Self {
             host,
-            port: env.number("MQTT_PORT", 1883, 1, u16::MAX)?,
+            port: env.number("MQTT_PORT", default_port, 1, u16::MAX)?,
             client_id,
             qos,
             session_expiry: Duration::from_secs(u64::from(session_expiry)),
             keep_alive: Duration::from_secs(env.number("MQTT_KEEPALIVE_SECS", 30, 0, 65_535)?),
             reconnect_min: env.millis("MQTT_RECONNECT_MIN_MS", Duration::from_millis(250))?,
             reconnect_max: env.millis("MQTT_RECONNECT_MAX_MS", Duration::from_secs(5))?,
+            username,
+            password,
+            tls,
         })
     }
 
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` with TLS.
     pub fn address(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            format!("mqtt://[{}]:{}", self.host, self.port)
+            format!("{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            format!("mqtt://{}:{}", self.host, self.port)
+            format!("{scheme}://{}:{}", self.host, self.port)
         }
     }
 
@@ -135,13 +318,42 @@ impl MqttConfig {
     }
 
     fn base_options(&self) -> ConnectOptions {
-        ConnectOptions::new(self.client_id.clone())
+        let options = ConnectOptions::new(self.client_id.clone())
             .with_keep_alive(self.keep_alive)
             .with_automatic_reconnect(true)
             .with_reconnect_delay(
                 self.reconnect_min,
                 self.reconnect_max.max(self.reconnect_min),
-            )
+            );
+        match &self.username {
+            Some(username) => options.with_credentials(
+                username.clone(),
+                self.password.as_ref().map_or(&[][..], Secret::expose),
+            ),
+            None => options,
+        }
+    }
+}
+
+/// What to check when `error` says that the broker refused us or TLS failed, rather than
+/// that it is unreachable: such errors do not go away by retrying.
+fn refusal(error: &MqttError) -> Option<&'static str> {
+    use mqtt5::protocol::v5::reason_codes::ReasonCode;
+    match error {
+        MqttError::ConnectionRefused(
+            ReasonCode::BadUsernameOrPassword
+            | ReasonCode::NotAuthorized
+            | ReasonCode::BadAuthenticationMethod,
+        )
+        | MqttError::BadUsernameOrPassword
+        | MqttError::NotAuthorized
+        | MqttError::AuthenticationFailed => Some(
+            "the broker refused the credentials; check MQTT_USERNAME and MQTT_PASSWORD or MQTT_PASSWORD_FILE",
+        ),
+        MqttError::ConnectionError(text) if text.contains("TLS") => Some(
+            "the TLS handshake failed; check MQTT_TLS, MQTT_CA_FILE (the CA that signed the broker's certificate) and that the certificate names MQTT_HOST",
+        ),
+        _ => None,
     }
 }
 
@@ -233,6 +445,16 @@ impl Link {
         // Fail fast instead of queueing inside the client while disconnected: a request
         // must not be acknowledged on the strength of a queue that a restart loses.
         client.set_queue_on_disconnect(false).await;
+        if let Some(tls) = &config.tls {
+            // Checked when the configuration was read; reconnects reuse it.
+            client
+                .set_tls_config(
+                    tls.client_cert_pem.clone(),
+                    tls.client_key_pem.as_ref().map(|k| k.expose().to_vec()),
+                    tls.ca_pem.clone(),
+                )
+                .await;
+        }
         let (tx, state) = watch::channel(LinkState::default());
         let client_id = config.client_id.clone();
         client
@@ -286,9 +508,26 @@ impl Link {
             }
             match self.client.connect(&address).await {
                 Ok(()) => return true,
-                Err(error) => {
-                    warn!(%address, %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker");
-                }
+                Err(error) => match refusal(&error) {
+                    Some(check) => {
+                        // Retrying soon cannot help: a human must fix the configuration
+                        // (or the broker). Keep trying, at the longest delay.
+                        delay = self.config.reconnect_max.max(self.config.reconnect_min);
+                        error!(
+                            %address,
+                            username = self.config.username.as_deref().unwrap_or(""),
+                            %error,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "cannot connect to the broker: {check}"
+                        );
+                    }
+                    None => warn!(
+                        %address,
+                        %error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot connect to the broker"
+                    ),
+                },
             }
             tokio::select! {
                 () = shutdown.cancelled() => return false,

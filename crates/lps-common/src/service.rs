@@ -92,9 +92,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = server::bind(config.addr(), config.backlog)
         .with_context(|| format!("binding {}", config.addr()))?;
-    server::serve(listener, app, protocols, shutdown, config.shutdown_grace)
-        .await
-        .context("serving HTTP")
+    server::serve_with_limits(
+        listener,
+        app,
+        protocols,
+        shutdown,
+        config.shutdown_grace,
+        config.limits,
+    )
+    .await
+    .context("serving HTTP")
 }
 
 /// If the process was started as `<binary> healthcheck [PATH]`, probes the service that

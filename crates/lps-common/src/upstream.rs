@@ -6,11 +6,17 @@
 //! cool-down (`TARGET_COOLDOWN_MS`) and probed again afterwards. A request whose
 //! connection could not be *established* is retried on the next target; once a request may
 //! have reached a target it is never retried here, since the target may have acted on it.
+//!
+//! Each target has its own connection pool. A request that times out drops that pool (the
+//! idle connections in it are closed; requests in flight on them finish) and the target's
+//! cached address: a peer that went away without a reset, or a container that came back
+//! at a new address, is not tried again through connections or an address that only
+//! hang. Concurrent timeouts on the same pool drop it once.
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,7 +33,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use crate::api::{self, ApiError};
-use crate::config::{ConfigError, Env};
+use crate::config::{ConfigError, Env, MAX_DURATION};
 use crate::dns::{CacheResolver, DnsCache, HickoryLookup, NameLookup};
 use crate::request_id::{REQUEST_ID, RequestId};
 use crate::wire::LegacyMessage;
@@ -61,8 +67,17 @@ impl UpstreamConfig {
             targets: parse_targets(&raw)?,
             http2: env.flag("USE_HTTP_2", false)?,
             skip_dns_cache: env.flag("SKIP_DNS_CACHE", false)?,
-            connect_timeout: env.millis("CONNECT_TIMEOUT_MS", Duration::from_secs(2))?,
-            request_timeout: env.seconds("REQUEST_TIMEOUT_SECS", Duration::from_secs(60))?,
+            connect_timeout: env.millis_in(
+                "CONNECT_TIMEOUT_MS",
+                Duration::from_secs(2),
+                Duration::from_millis(1),
+                MAX_DURATION,
+            )?,
+            request_timeout: positive_seconds(
+                env,
+                "REQUEST_TIMEOUT_SECS",
+                Duration::from_secs(60),
+            )?,
             cooldown: env.millis("TARGET_COOLDOWN_MS", Duration::from_secs(2))?,
         })
     }
@@ -78,6 +93,22 @@ impl UpstreamConfig {
             cooldown: Duration::from_secs(2),
         }
     }
+}
+
+/// A duration in seconds above zero (zero would fail every request at once).
+fn positive_seconds(env: &Env<'_>, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+    let value = env.seconds(var, default)?;
+    if value.is_zero() {
+        return Err(ConfigError::new(
+            var,
+            "0",
+            format!(
+                "a number of seconds above 0, up to {}",
+                MAX_DURATION.as_secs()
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// Parses a comma-separated list of `http://` URLs.
@@ -201,6 +232,7 @@ struct ErrorLabels {
 struct UpstreamMetrics {
     errors: Family<ErrorLabels, Counter>,
     connect_retries: Counter,
+    pool_renewals: Counter,
 }
 
 struct Target {
@@ -209,6 +241,15 @@ struct Target {
     uri: Uri,
     /// Skip until this many ms after `Upstream::epoch` (0 = available).
     down_until_ms: AtomicU64,
+    /// The target's connection pool, renewed after a timeout.
+    pool: RwLock<Pool>,
+}
+
+/// One generation of a target's connection pool.
+#[derive(Clone)]
+struct Pool {
+    generation: u64,
+    client: HttpClient,
 }
 
 type HttpClient = Client<HttpConnector<CacheResolver>, Full<Bytes>>;
@@ -246,7 +287,8 @@ fn is_protocol_nack(error: &hyper_util::client::legacy::Error) -> bool {
 
 /// The pooled outbound client and its target list. Build once per service.
 pub struct Upstream {
-    client: HttpClient,
+    builder: hyper_util::client::legacy::Builder,
+    connector: HttpConnector<CacheResolver>,
     targets: Vec<Target>,
     next: AtomicUsize,
     dns: Arc<DnsCache>,
@@ -290,7 +332,6 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             // h2c with prior knowledge when asked, HTTP/1.1 otherwise.
             .http2_only(config.http2);
-        let client = builder.build(connector);
         let targets = config
             .targets
             .iter()
@@ -303,6 +344,10 @@ impl Upstream {
                     url: url.clone(),
                     uri,
                     down_until_ms: AtomicU64::new(0),
+                    pool: RwLock::new(Pool {
+                        generation: 0,
+                        client: builder.build(connector.clone()),
+                    }),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -318,8 +363,14 @@ impl Upstream {
             "Requests retried on another target after a failed connect",
             metrics.connect_retries.clone(),
         );
+        registry.register(
+            "upstream_pool_renewals",
+            "Connection pools of a target dropped after a request to it timed out",
+            metrics.pool_renewals.clone(),
+        );
         Ok(Self {
-            client,
+            builder,
+            connector,
             targets,
             next: AtomicUsize::new(0),
             dns,
@@ -388,7 +439,12 @@ impl Upstream {
         let mut nacks = 0;
         loop {
             let target = &self.targets[order[attempt % order.len()]];
-            match self.exchange(target, body.clone(), &id).await {
+            let pool = target
+                .pool
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            match self.exchange(&pool.client, target, body.clone(), &id).await {
                 Exchange::Answered(status) if status.is_success() => return Ok(status),
                 Exchange::Answered(status) => {
                     return Err(UpstreamError::Status {
@@ -398,6 +454,7 @@ impl Upstream {
                 }
                 Exchange::TimedOut => {
                     self.mark_down(target);
+                    self.renew_pool(target, pool.generation);
                     return Err(UpstreamError::Timeout {
                         target: target.url.clone(),
                         timeout: self.request_timeout,
@@ -445,7 +502,13 @@ impl Upstream {
 
     /// One POST to `target` within the request timeout, reading the response body to the
     /// end so the connection goes back to the pool.
-    async fn exchange(&self, target: &Target, body: Bytes, id: &HeaderValue) -> Exchange {
+    async fn exchange(
+        &self,
+        client: &HttpClient,
+        target: &Target,
+        body: Bytes,
+        id: &HeaderValue,
+    ) -> Exchange {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = target.uri.clone();
@@ -460,7 +523,7 @@ impl Upstream {
         // as such, as before.
         let mut answered = None;
         let exchange = async {
-            let response = self.client.request(request).await?;
+            let response = client.request(request).await?;
             let status = response.status();
             answered = Some(status);
             let mut body = response.into_body();
@@ -480,6 +543,22 @@ impl Upstream {
                 Some(status) if !status.is_success() => Exchange::Answered(status),
                 _ => Exchange::TimedOut,
             },
+        }
+    }
+
+    /// After a timeout on a connection of `generation`: a fresh pool for `target` (once per
+    /// generation) and its cached address dropped.
+    fn renew_pool(&self, target: &Target, generation: u64) {
+        let host = target.url.host_str().unwrap_or_default();
+        self.dns.invalidate(host);
+        let mut pool = target.pool.write().unwrap_or_else(PoisonError::into_inner);
+        if pool.generation == generation {
+            *pool = Pool {
+                generation: generation + 1,
+                client: self.builder.build(self.connector.clone()),
+            };
+            self.metrics.pool_renewals.inc();
+            debug!(target = %target.url, "request timed out: pooled connections dropped");
         }
     }
 

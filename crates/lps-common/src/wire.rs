@@ -93,3 +93,43 @@ pub fn bridge_filters(group: &str) -> [String; 2] {
 /// acknowledges, legacy-proxy-2 can forward. 1 MiB is far above an alarm (~150 bytes) and
 /// below Mosquitto 2.1's default packet limit (2,000,000 bytes).
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// Why an MQTT payload cannot be forwarded: a dead-letter reason label and the details.
+pub type PayloadRejection = (&'static str, String);
+
+/// Checks a bridged MQTT payload as legacy-proxy-2 must before forwarding it: at most
+/// `max_bytes`, a JSON object, with a `request_id` that is a decimal id (a string or a
+/// number). The request id on success; otherwise the reason (`too_large`, `not_json`,
+/// `no_request_id`) and what is wrong. A rejected payload is a permanent failure (dead
+/// letter): retrying cannot mend it.
+pub fn validate_payload(
+    payload: &[u8],
+    max_bytes: usize,
+) -> Result<crate::request_id::RequestId, PayloadRejection> {
+    if payload.len() > max_bytes {
+        return Err((
+            "too_large",
+            format!(
+                "payload of {} bytes exceeds MAX_PAYLOAD_BYTES={max_bytes}",
+                payload.len()
+            ),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| ("not_json", format!("payload is not JSON: {e}")))?;
+    let id = match value.get("request_id") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(other) => {
+            return Err((
+                "no_request_id",
+                format!("request_id is not a decimal id: {other}"),
+            ));
+        }
+        None if value.is_object() => {
+            return Err(("no_request_id", "payload has no request_id".to_owned()));
+        }
+        None => return Err(("not_json", "payload is not a JSON object".to_owned())),
+    };
+    crate::request_id::RequestId::parse(&id).map_err(|e| ("no_request_id", e.message))
+}

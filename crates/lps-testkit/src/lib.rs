@@ -9,12 +9,15 @@
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping.
 //! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
 //!   ports, behind the [`Broker`] trait so a test can run against both.
+//! - [`pki::TestPki`] and [`mosquitto::Mosquitto::start_secure`]: certificates generated
+//!   for the test and a Mosquitto that requires TLS and a password.
 //! - [`scripted::ScriptedBroker`]: a hand-written MQTT v5 peer answering as a test scripts
 //!   it (PUBREC reason codes, a handshake that never completes, CONNACK Maximum QoS and
 //!   Receive Maximum), recording every packet it received.
 
 pub mod embedded;
 pub mod mosquitto;
+pub mod pki;
 pub mod scripted;
 
 /// An MQTT broker a test talks to: Mosquitto, the embedded one, or a scripted one.
@@ -70,15 +73,26 @@ impl TestServer {
 
     /// Serves `app` on `addr` with `protocols`.
     pub async fn start_on(addr: SocketAddr, app: Router, protocols: Protocols) -> Self {
+        Self::start_with_limits(addr, app, protocols, server::Limits::default()).await
+    }
+
+    /// Serves `app` on `addr` with `protocols` within `limits` (short timeouts in tests).
+    pub async fn start_with_limits(
+        addr: SocketAddr,
+        app: Router,
+        protocols: Protocols,
+        limits: server::Limits,
+    ) -> Self {
         let listener = server::bind(addr, 1024).expect("bind test server");
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::serve(
+        let task = tokio::spawn(server::serve_with_limits(
             listener,
             app,
             protocols,
             shutdown.clone(),
             Duration::from_secs(5),
+            limits,
         ));
         Self {
             addr,
@@ -289,42 +303,7 @@ impl ChildService {
     /// Starts `binary` with `env` (plus `HTTP_HOST=127.0.0.1`, `HTTP_PORT=0`, `LOG_DIR` in
     /// `dir` unless given) and waits for its `listening` line.
     pub async fn start(binary: &Path, env: &[(&str, &str)], dir: &Path) -> anyhow::Result<Self> {
-        let mut command = Command::new(binary);
-        command
-            .env_clear()
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", "0")
-            .env("LOG_DIR", dir)
-            .env("LOG_FORMAT", "json")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && event["fields"]["message"] == "listening"
-                    && let Some(addr) = event["fields"]["addr"].as_str()
-                {
-                    return Ok::<_, anyhow::Error>(addr.parse()?);
-                }
-            }
-            anyhow::bail!("{} exited before listening", binary.display())
-        })
-        .await??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { addr, child })
+        Self::start_with_args(binary, &[], env, dir).await
     }
 
     /// [`ChildService::start`] with command-line `args`, e.g. `lps service legacy-proxy-1`

@@ -54,6 +54,33 @@ impl Mosquitto {
         broker
     }
 
+    /// Starts a broker that takes only TLS (the certificates of `pki`) and only `user`
+    /// with `password` (a Mosquitto password file made with `mosquitto_passwd`).
+    pub async fn start_secure(pki: &crate::pki::TestPki, user: &str, password: &str) -> Self {
+        let files = tempfile::tempdir().expect("temp dir");
+        let passwords = files.path().join("passwords");
+        let status = std::process::Command::new(passwd_binary())
+            .arg("-b")
+            .arg("-c")
+            .arg(&passwords)
+            .arg(user)
+            .arg(password)
+            .status()
+            .expect("run mosquitto_passwd");
+        assert!(status.success(), "mosquitto_passwd failed: {status}");
+        let lines = [
+            format!("certfile {}", pki.server_cert.display()),
+            format!("keyfile {}", pki.server_key.display()),
+            format!("password_file {}", passwords.display()),
+            "allow_anonymous false".to_owned(),
+        ];
+        let overrides: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let broker = Self::start_with(&overrides).await;
+        // Mosquitto read the password file at start-up; it may go with `files`.
+        drop(files);
+        broker
+    }
+
     async fn launch(&mut self) {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -136,6 +163,15 @@ impl crate::Broker for Mosquitto {
     fn port(&self) -> u16 {
         self.port
     }
+}
+
+/// `mosquitto_passwd`, next to the broker or on `PATH`.
+fn passwd_binary() -> PathBuf {
+    let beside = binary().with_file_name("mosquitto_passwd");
+    [beside, PathBuf::from("/usr/bin/mosquitto_passwd")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mosquitto_passwd"))
 }
 
 fn repo_config() -> PathBuf {

@@ -39,6 +39,9 @@ use tracing::info;
 use crate::journal::{Entry, Journal, LedgerRecord, epoch_us};
 use crate::model::{Load, Model};
 
+/// The most workers `--workers` accepts (a semaphore of more panics).
+const MAX_WORKERS: usize = 1 << 20;
+
 /// Command-line options.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about = "Simulator of the legacy RAST backend (ars-comp-3)")]
@@ -67,18 +70,26 @@ pub struct Args {
 impl Args {
     /// The model these options select.
     pub fn model(&self) -> Result<Model, ConfigError> {
+        let max = lps_common::config::MAX_DURATION;
         let service = Duration::try_from_secs_f64(self.service_ms / 1000.0)
             .ok()
-            .filter(|d| !d.is_zero() || self.model == "fixed")
+            .filter(|d| (!d.is_zero() || self.model == "fixed") && *d <= max)
             .ok_or_else(|| {
                 ConfigError::new(
                     "--service-ms",
                     &self.service_ms.to_string(),
-                    "a positive number of milliseconds",
+                    format!(
+                        "a positive number of milliseconds up to {}",
+                        max.as_millis()
+                    ),
                 )
             })?;
-        if self.workers == 0 {
-            return Err(ConfigError::new("--workers", "0", "at least 1"));
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError::new(
+                "--workers",
+                &self.workers.to_string(),
+                format!("an integer from 1 to {MAX_WORKERS}"),
+            ));
         }
         match self.model.as_str() {
             "0" => Ok(Model::Regression0 {
@@ -364,7 +375,21 @@ where
     if let Some(code) = service::healthcheck_if_requested(1337) {
         return code;
     }
-    let args = Args::parse_from(args);
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A bad option or SIM_* variable is a configuration error like any other: one
+        // line, exit 64 (clap's own exit code is 2, with a usage hint).
+        Err(e) => {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "invalid configuration: {}",
+                line.trim_start_matches("error: ")
+            );
+            std::process::exit(lps_common::config::EXIT_CONFIG)
+        }
+    };
     let config = Config::new(&lps_common::config::ProcessEnv, &args)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
     service::main(&config.telemetry.clone(), run(config))

@@ -201,3 +201,53 @@ async fn skip_dns_cache_resolves_every_new_connection() {
         encode(&registry)
     );
 }
+
+/// A target that stops answering (a peer gone without a reset, a name moved to a new
+/// instance): after a request to it times out, neither its pooled connections nor its
+/// cached address are used again. Over HTTP/1.1 (an idle pooled connection left) and h2c
+/// (the one multiplexed connection).
+#[tokio::test]
+async fn a_timeout_drops_the_targets_pooled_connections_and_cached_address() {
+    for http2 in [false, true] {
+        let (a, b) = (Recorder::new(), Recorder::new());
+        let _server_a = TestServer::start(a.router()).await;
+        let port = _server_a.addr.port();
+        let _server_b = TestServer::start_on(
+            SocketAddr::from(([127, 0, 0, 2], port)),
+            b.router(),
+            Protocols::default(),
+        )
+        .await;
+        let table = Arc::new(StaticLookup::new(Duration::from_secs(600)));
+        table.set("backend", vec![IpAddr::from([127, 0, 0, 1])]);
+        let mut config = UpstreamConfig::for_targets(
+            parse_targets(&format!("http://backend:{port}/x")).unwrap(),
+        );
+        config.http2 = http2;
+        config.request_timeout = Duration::from_millis(500);
+        let mut registry = Registry::default();
+        let upstream = Upstream::with_lookup(&config, table.clone(), &mut registry).unwrap();
+        // Two requests at once: two pooled HTTP/1.1 connections (or one h2 connection).
+        a.respond(200, Duration::from_millis(100));
+        let (first, second) = tokio::join!(post(&upstream), post(&upstream));
+        first.unwrap();
+        second.unwrap();
+        // The instance hangs, and the name now points at a new one.
+        a.respond(200, Duration::from_secs(60));
+        table.set("backend", vec![IpAddr::from([127, 0, 0, 2])]);
+        let error = post(&upstream).await.unwrap_err();
+        assert!(matches!(error, UpstreamError::Timeout { .. }), "{error}");
+        // The next request goes to the new instance at once.
+        tokio::time::timeout(Duration::from_secs(5), post(&upstream))
+            .await
+            .expect("no second timeout")
+            .unwrap_or_else(|e| panic!("http2={http2}: {e}"));
+        assert_eq!(b.requests().len(), 1, "http2={http2}");
+        assert_eq!(a.requests().len(), 3, "http2={http2}");
+        assert!(
+            encode(&registry).contains("upstream_pool_renewals_total 1\n"),
+            "{}",
+            encode(&registry)
+        );
+    }
+}
