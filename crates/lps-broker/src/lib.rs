@@ -22,7 +22,11 @@
 //! `x-mqtt-client-id` and `x-mqtt-sender` user properties to every message it forwards,
 //! which MQTT v5 forbids (user properties go through unaltered and in order) and which tells
 //! every subscriber every publisher's client id; it has no setting for that, so the patch
-//! removes it. It also makes the broker send DISCONNECT with a reason on a bad topic alias.
+//! removes it. It also makes the broker send DISCONNECT with a reason on a bad topic alias,
+//! and keeps a QoS 1/2 message for an online subscriber in the subscriber's stored queue
+//! (written behind within 250 ms) instead of an in-memory lane: the published broker lost
+//! the whole backlog of an online subscriber whose Receive Maximum window was full on a
+//! SIGKILL, however long ago it had acknowledged it (`tests/it/crash.rs`).
 //! `tests/it` checks the broker against the MQTT v5 specification side by side with
 //! Mosquitto (README.adoc has the table).
 

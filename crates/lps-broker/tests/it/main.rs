@@ -4,8 +4,11 @@
 //!
 //! Where a broker departs from the specification, the test asserts what that broker does
 //! and says so ([`Kind`]): a known difference stays visible and fails if it changes.
+//!
+//! [`crash`] is the embedded broker's alone: it SIGKILLs the broker as a process of its own.
 
 mod aliases;
+mod crash;
 mod flow;
 mod keep_alive;
 mod packet_size;

@@ -9,7 +9,7 @@
 //!
 //! A host crash without legacy-proxy-1's journal loses what the broker had not made
 //! durable: with Mosquitto, what it completed since its last snapshot (`SNAPSHOT_GAP`); with
-//! the embedded broker, its whole undelivered backlog (`EMBEDDED_FORGETS`).
+//! the embedded broker, what it completed since its last write-behind (`EMBEDDED_FORGETS`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,16 +46,16 @@ const SLOW_BACKEND: &[(&str, &str)] = &[
 const SNAPSHOT_GAP: Duration = Duration::from_secs(3);
 /// legacy-proxy-1's `REPLAY_WINDOW_MS` (its default): what its journal holds.
 const REPLAY_WINDOW: Duration = Duration::from_secs(5);
-/// What the embedded broker (mqtt5 0.49.0, file storage) may forget on a SIGKILL: every
-/// message it completed and has not yet sent to a subscriber, however old. A message routed
-/// to an online subscriber waits in that connection's in-memory delivery lane (capacity
-/// 10,000) while the subscriber's Receive Maximum window is full; it reaches the disk only
-/// once sent (an outbound inflight row, written behind within 250 ms) or when the lane is
-/// full (a queue file, also written behind). The PUBCOMP to the publisher waits for
-/// neither. Measured: the whole backlog at the crash is gone, up to ~3 s old after 3 s of
-/// load; `queues/` was empty and `inflight/` held the 2 × 32 messages sent to the two
-/// legacy-proxy-2.
-const EMBEDDED_FORGETS: Option<Duration> = None;
+/// How long after completing a message the embedded broker (mqtt5 0.49.0, file storage)
+/// may still forget it on a SIGKILL: it writes its session queues and in-flight messages
+/// behind, every 250 ms, without fsync (the page cache outlives the process), so what it
+/// completed in the last interval plus the time the write-out takes. Every QoS 1/2 message
+/// for a session goes through its queue, also for an online subscriber whose Receive
+/// Maximum window is full (`vendor/mqtt5/LPS-PATCH.md`; the published crate kept those in
+/// memory only, and a SIGKILL lost the whole backlog, however old). Measured here (debug
+/// build): 248 to 415 lost, acknowledged at most 0.50 to 0.59 s before the crash; the margin
+/// is for a busier machine, where the write-out takes longer.
+const EMBEDDED_FORGETS: Option<Duration> = Some(Duration::from_secs(2));
 
 fn lps() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lps"))
@@ -438,11 +438,6 @@ impl Load {
         self.acknowledged.lock().unwrap().len()
     }
 
-    /// When the first request was acknowledged.
-    fn first(&self) -> Option<Instant> {
-        self.acknowledged.lock().unwrap().values().min().copied()
-    }
-
     /// Waits until `more` further requests were acknowledged.
     async fn acknowledges(&self, more: usize) {
         let target = self.count() + more;
@@ -586,19 +581,7 @@ async fn host_crash(scenario: &str, chain: &mut Chain, load: &Load) -> Instant {
 /// A host crash with legacy-proxy-1's journal: nothing acknowledged may be lost.
 async fn host_crash_with_the_journal_on(scenario: &str, broker: BrokerKind) {
     let (mut chain, load) = under_load(broker, true, SLOW_BACKEND).await;
-    let crashed = host_crash(scenario, &mut chain, &load).await;
-    if let (BrokerKind::Embedded, Some(first)) = (broker, load.first()) {
-        // The embedded broker forgets its whole backlog (`EMBEDDED_FORGETS`): only the
-        // journal brings it back, and it holds the last `REPLAY_WINDOW` only. A backlog
-        // older than that is lost even with the journal (measured: 551 of 3548 after 8 s
-        // of load).
-        let ran = crashed.duration_since(first);
-        assert!(
-            ran < REPLAY_WINDOW,
-            "{scenario}: the load ran {ran:?} before the crash, longer than the journal's \
-             window ({REPLAY_WINDOW:?}): the test no longer shows what it is meant to"
-        );
-    }
+    host_crash(scenario, &mut chain, &load).await;
     let acknowledged = after_restart(&chain, load).await;
     nothing_lost(scenario, &chain, &acknowledged).await;
     // The restarted bridge had no memory of the window: only the journal can have fed it.

@@ -1761,7 +1761,11 @@ impl MessageRouter {
                     }
                     return;
                 }
-                if queue.behind() {
+                // LPS patch (see LPS-PATCH.md): when the queue is stored (file backend), a
+                // QoS>0 message goes through it, written behind like any queued message,
+                // instead of the in-memory lane, where it waited unstored for as long as the
+                // client's Receive Maximum window stayed full and was lost with the process.
+                if queue.behind() || queue.is_persistent() {
                     Self::queue_behind(
                         &queue,
                         epoch,

@@ -185,6 +185,13 @@ impl ClientQueue {
         self.count() > 0 || self.draining() || self.handoff() || self.awaiting_bind()
     }
 
+    /// True when the entries are written to storage (the file backend's write-behind lane).
+    /// LPS patch (see LPS-PATCH.md): the router then queues every QoS>0 message here.
+    #[must_use]
+    pub fn is_persistent(&self) -> bool {
+        self.writer.is_some()
+    }
+
     #[must_use]
     pub fn awaiting_bind(&self) -> bool {
         self.awaiting_bind.load(Ordering::Acquire) != 0
