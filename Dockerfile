@@ -42,7 +42,7 @@ COPY mosquitto mosquitto
 RUN find crates -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --workspace --bins \
     && mkdir -p /out \
-    && for bin in ars-comp-1 ars-comp-2 rast-simulator legacy-proxy-1 legacy-proxy-2 lps; do \
+    && for bin in ars-comp-1 ars-comp-2 rast-simulator legacy-proxy-1 legacy-proxy-2 lps-edge lps; do \
            install -m 0755 "target/release/$bin" /out/; \
        done
 

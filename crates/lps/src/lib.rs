@@ -215,6 +215,29 @@ pub async fn up(
             service.base_url()
         );
     }
+    if let Some(edge) = supervisor
+        .running()
+        .iter()
+        .find(|s| s.spec.program == Program::LpsEdge)
+    {
+        let env = |key: &str| {
+            edge.spec
+                .env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        if env("WS_ENABLED") != Some("false") {
+            println!(
+                "edge: MQTT over WebSocket at ws://127.0.0.1:{}/mqtt",
+                edge.spec.port
+            );
+        }
+        println!(
+            "edge: forward proxy at http://127.0.0.1:{}",
+            env("PROXY_PORT").unwrap_or("3128")
+        );
+    }
     if let Some(entry) = supervisor.running().iter().find(|s| s.spec.entry) {
         println!(
             "try: curl -X POST -H 'Content-Type: application/json' -d '{{\"phone\":\"015142611148\",\"branch\":\"2001\",\"headnumber\":\"8023\",\"triggertime\":\"2025-01-31T12:00:00Z\"}}' {}/api/v1/simple",

@@ -173,6 +173,10 @@ enum Command {
         /// it, `lps up` names them and the command that stops them).
         #[arg(long)]
         replace: bool,
+        /// Also run the edge (lps-edge): MQTT over WebSocket into the NG broker on 8000
+        /// (ws://127.0.0.1:8000/mqtt) and the HTTP forward proxy on 3128.
+        #[arg(long)]
+        edge: bool,
         #[command(flatten)]
         topology_args: TopologyArgs,
     },
@@ -420,6 +424,7 @@ fn main() -> ExitCode {
             Program::LegacyProxy1 => legacy_proxy_1::main(),
             Program::LegacyProxy2 => legacy_proxy_2::main(),
             Program::EmbeddedBroker => lps::embedded_broker_main(),
+            Program::LpsEdge => lps_edge::main(),
             Program::Mosquitto => {
                 eprintln!("error: mosquitto is an external program; run it directly");
                 ExitCode::FAILURE
@@ -431,11 +436,13 @@ fn main() -> ExitCode {
             port_offset,
             ephemeral_ports,
             replace,
+            edge,
             topology_args,
         } => {
             let options = Options {
                 port_offset,
                 ephemeral_ports,
+                edge,
                 ..options(&topology_args)
             };
             block_on_stoppable(|stop| {

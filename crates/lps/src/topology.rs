@@ -7,7 +7,9 @@
 //!   8081-8083, all → `ars-comp-3` (the simulator) on 8084;
 //! - NG: `ars-comp-1-i` → `proxy1-i` (legacy-proxy-1 on 8081-8083, topic
 //!   `proxy<i>/message`) → the broker (1883) → `proxy2-{1,2,3}` (legacy-proxy-2, shared
-//!   subscription; admin ports 9091-9093) → `ars-comp-2-i` (9081-9083) → `ars-comp-3`.
+//!   subscription; admin ports 9091-9093) → `ars-comp-2-i` (9081-9083) → `ars-comp-3`;
+//! - with `--edge`, also `edge` (lps-edge): MQTT over WebSocket on 8000 into the NG broker,
+//!   and the forward proxy on 3128 (proxy only in the baseline, which has no broker).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -53,6 +55,9 @@ pub enum Program {
     /// The embedded MQTT broker.
     #[value(name = "embedded-broker")]
     EmbeddedBroker,
+    /// The edge: MQTT over WebSocket into the broker, and an HTTP forward proxy.
+    #[value(name = "lps-edge")]
+    LpsEdge,
 }
 
 impl Program {
@@ -66,6 +71,7 @@ impl Program {
             Self::LegacyProxy2 => "legacy-proxy-2",
             Self::Mosquitto => "mosquitto",
             Self::EmbeddedBroker => "embedded-broker",
+            Self::LpsEdge => "lps-edge",
         }
     }
 }
@@ -131,6 +137,8 @@ pub struct Options {
     pub simulator_args: Vec<String>,
     /// `USE_HTTP_2` on the hops that may use it.
     pub http2: bool,
+    /// Also run the edge (`lps up --edge`).
+    pub edge: bool,
 }
 
 /// The environment of replica `i` of a tier.
@@ -223,6 +231,8 @@ pub fn services(
     let relay_to = |hop: u16| {
         move |ports: &mut Ports<'_>, i: u16| vec![("TARGET_URL", url(ports.get(hop + i)))]
     };
+    // The broker the edge bridges WebSockets to (NG only).
+    let mut edge_broker: Option<(String, u16)> = None;
     match topology {
         Topology::Legacy => {
             tier(
@@ -269,6 +279,7 @@ pub fn services(
                 }
                 None => ("127.0.0.1".into(), ports.get(1883)),
             };
+            edge_broker = Some((mqtt_host.clone(), mqtt_port));
             let mqtt = |mut env: Vec<(&'static str, String)>| {
                 env.push(("MQTT_HOST", mqtt_host.clone()));
                 env.push(("MQTT_PORT", mqtt_port.to_string()));
@@ -318,7 +329,46 @@ pub fn services(
             env
         },
     );
+    if options.edge {
+        specs.push(edge(&mut ports, &specs, edge_broker));
+    }
     specs
+}
+
+/// The edge (`lps-edge`) on 8000 (WebSocket, `/healthz`) and 3128 (proxy), bridging to
+/// `broker`; without one (the baseline) only the proxy runs.
+fn edge(
+    ports: &mut Ports<'_>,
+    specs: &[ServiceSpec],
+    broker: Option<(String, u16)>,
+) -> ServiceSpec {
+    let ws_port = ports.get(8000);
+    let proxy_port = ports.get(3128);
+    let mut env = vec![("PROXY_PORT", proxy_port.to_string())];
+    match broker {
+        Some((host, port)) => {
+            env.push(("MQTT_HOST", host));
+            env.push(("MQTT_PORT", port.to_string()));
+        }
+        None => env.push(("WS_ENABLED", "false".to_owned())),
+    }
+    if ports.options.port_offset != 0 || ports.options.ephemeral_ports {
+        // The edge's default allow-list names the compose ports; moved ports are listed.
+        let mut allowed: Vec<u16> = vec![80, 443, ws_port];
+        allowed.extend(specs.iter().map(|s| s.port));
+        allowed.sort_unstable();
+        allowed.dedup();
+        let allowed: Vec<String> = allowed.iter().map(u16::to_string).collect();
+        env.push(("PROXY_ALLOWED_PORTS", allowed.join(",")));
+    }
+    spec(
+        "edge".into(),
+        Program::LpsEdge,
+        ws_port,
+        env,
+        false,
+        Health::Http("/healthz"),
+    )
 }
 
 /// A port that was free a moment ago (the system's pick for port 0).
@@ -408,12 +458,53 @@ mod tests {
         };
         let specs = services(Topology::Ng, &Options::default(), Some(&external));
         assert!(specs.iter().all(|s| s.program != Program::Mosquitto));
+        assert!(specs.iter().all(|s| s.program != Program::LpsEdge));
         assert_eq!(
             env(
                 specs.iter().find(|s| s.name == "proxy1-1").unwrap(),
                 "MQTT_HOST"
             ),
             "mq"
+        );
+    }
+
+    #[test]
+    fn the_edge_runs_beside_either_topology_when_asked() {
+        let broker = Broker::Mosquitto {
+            config: PathBuf::from("/run/m.conf"),
+        };
+        let with_edge = Options {
+            edge: true,
+            ..Options::default()
+        };
+        let specs = services(Topology::Ng, &with_edge, Some(&broker));
+        let edge = specs.iter().find(|s| s.name == "edge").unwrap();
+        assert_eq!((edge.program, edge.port), (Program::LpsEdge, 8000));
+        assert_eq!(env(edge, "PROXY_PORT"), "3128");
+        assert_eq!(
+            (env(edge, "MQTT_HOST"), env(edge, "MQTT_PORT")),
+            ("127.0.0.1", "1883")
+        );
+        // Compose ports: the edge's default allow-list covers them.
+        assert_eq!(env(edge, "PROXY_ALLOWED_PORTS"), "");
+        let moved = Options {
+            port_offset: 100,
+            ..with_edge.clone()
+        };
+        let specs = services(Topology::Ng, &moved, Some(&broker));
+        let edge = specs.iter().find(|s| s.name == "edge").unwrap();
+        assert_eq!(env(edge, "PROXY_PORT"), "3228");
+        let allowed = env(edge, "PROXY_ALLOWED_PORTS");
+        for port in ["80", "443", "1983", "7181", "8100", "8184", "9193"] {
+            assert!(allowed.split(',').any(|p| p == port), "{port} in {allowed}");
+        }
+        let legacy = services(Topology::Legacy, &with_edge, None);
+        let edge = legacy.iter().find(|s| s.name == "edge").unwrap();
+        assert_eq!(env(edge, "WS_ENABLED"), "false");
+        assert!(
+            services(Topology::Legacy, &Options::default(), None)
+                .iter()
+                .all(|s| s.name != "edge")
         );
     }
 }

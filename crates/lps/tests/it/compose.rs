@@ -259,7 +259,11 @@ fn expected(topology: Topology) -> Vec<ServiceSpec> {
     };
     topology::services(
         topology,
-        &Options::default(),
+        &Options {
+            // docker-compose-ng.yml runs the edge, as `lps up ng --edge`.
+            edge: topology == Topology::Ng,
+            ..Options::default()
+        },
         (topology == Topology::Ng).then_some(&broker),
     )
 }
@@ -307,6 +311,8 @@ struct Wiring {
     topic: Option<String>,
     /// The filters it subscribes to.
     filters: Vec<String>,
+    /// The port of its forward proxy (lps-edge), published as well.
+    proxy: Option<u16>,
 }
 
 fn wiring(program: Program, service: &Service) -> Result<Wiring, String> {
@@ -368,6 +374,12 @@ fn wiring(program: Program, service: &Service) -> Result<Wiring, String> {
                     c.journal_dir.display()
                 ));
             }
+        }
+        Program::LpsEdge => {
+            let c = lps_edge::Config::from_lookup(&env).map_err(err)?;
+            w.bind = c.server.port;
+            w.broker = c.ws.map(|ws| (ws.broker_host, ws.broker_port));
+            w.proxy = c.proxy.map(|p| p.addr.port());
         }
         Program::Mosquitto | Program::EmbeddedBroker => w.bind = mosquitto_listener(),
     }
@@ -457,7 +469,18 @@ fn check_topology(topology: Topology, compose: &Compose) -> Vec<String> {
 
         // Ports: published on the topology's port, onto the one the service binds.
         let wiring = wirings.get(name);
-        match service.published().as_slice() {
+        let mut published = service.published();
+        // The edge also publishes its proxy port, on the same host port (PROXY_PORT).
+        if let Some(proxy) = wiring.and_then(|w| w.proxy) {
+            let before = published.len();
+            published.retain(|p| *p != Some((proxy, proxy)));
+            if published.len() == before {
+                problem(format!(
+                    "proxy port {proxy} (PROXY_PORT) not published as \"{proxy}:{proxy}\""
+                ));
+            }
+        }
+        match published.as_slice() {
             [Some((host, container))] => {
                 if *host != spec.port {
                     problem(format!(
