@@ -32,16 +32,8 @@ impl Up {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut entries = Vec::new();
-        let mut simulator = String::new();
         tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                match words.as_slice() {
-                    [_, url, "entry"] => entries.push((*url).to_owned()),
-                    ["ars-comp-3", url] => simulator = (*url).to_owned(),
-                    _ => {}
-                }
                 if line.contains("press Ctrl-C") {
                     return;
                 }
@@ -52,6 +44,19 @@ impl Up {
         .expect("topology up within 60 s");
         // Keep reading: `lps up` prints while it stops, and a closed pipe would fail it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // The services from the run folder's machine-readable list, not the printed table.
+        let listed = std::fs::read(run.join(lps::up::SERVICES_FILE)).expect("services.json");
+        let services: Vec<lps::up::ServiceEntry> = serde_json::from_slice(&listed).unwrap();
+        let entries: Vec<String> = services
+            .iter()
+            .filter(|s| s.entry)
+            .map(|s| s.url.clone())
+            .collect();
+        let simulator = services
+            .iter()
+            .find(|s| s.name == "ars-comp-3")
+            .map(|s| s.url.clone())
+            .unwrap_or_default();
         assert_eq!(entries.len(), 3, "three entry services");
         assert!(simulator.starts_with("http://127.0.0.1:"), "{simulator}");
         Self {
