@@ -11,7 +11,10 @@
 //!   subscribers, through the broker the NG chain uses: the NG ceiling;
 //! - `ng`: the whole NG chain, counting what *arrived* at the simulator, not the 200s:
 //!   the sustainable delivered rate (closed loop), then an open-loop run at 80 % of it for
-//!   the drain time; loss is every acknowledged id missing at the simulator.
+//!   the drain time; loss is every acknowledged id missing at the simulator;
+//! - `edge` (not in the default set: needs nginx and wrk): the edge's forward proxy,
+//!   CONNECT tunnels and MQTT over WebSocket against nginx and the broker directly (see
+//!   [`edge`]).
 //!
 //! Each figure carries the CPU seconds and peak memory of every process (from `/proc`),
 //! the generator's own included: it shares the cores with the services.
@@ -20,6 +23,7 @@
 //! current scenario are stopped in order and the bench fails, writing no `bench.json`.
 
 pub mod broker;
+pub mod edge;
 pub mod generator;
 pub mod procstat;
 
@@ -70,6 +74,8 @@ pub enum Scenario {
     Broker,
     /// The NG chain, delivered rate.
     Ng,
+    /// The edge (forward proxy, CONNECT, MQTT over WebSocket) against nginx and the broker.
+    Edge,
 }
 
 /// What `lps bench` runs.
@@ -422,6 +428,9 @@ async fn one_round(
     }
     if wants(Scenario::Broker) || wants(Scenario::Ng) {
         ng(options, report, most, stop).await?;
+    }
+    if wants(Scenario::Edge) {
+        edge::run(options, report, stop).await?;
     }
     Ok(())
 }

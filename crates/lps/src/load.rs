@@ -13,6 +13,25 @@
 //! - **Background** (`--background URL`): 70 users sending one random non-alarm legacy
 //!   command per second straight to the simulator, without request id.
 //!
+//! - **MQTT over WebSocket** (entries `ws://…` or `wss://…`, `lps load --mqtt-ws URL`): the
+//!   same users, alarms, ids, waits and retries, but each user is an alarm *device* that
+//!   publishes its alarm itself, at QoS 2 over MQTT over WebSocket through the edge
+//!   (lps-edge) to the broker, on [`DEVICE_TOPIC`] (which legacy-proxy-2's first-delivery
+//!   filter `+/message` takes), with the payload legacy-proxy-1 would publish:
+//!   `{"id": <phone>, "body": "Phone: …, Branch: …, Headnumber: 8023, TriggerTime: …",
+//!   "request_id": <id>}`. An alarm is acknowledged (ledger status 200) only by the PUBCOMP
+//!   of its publish on the connection it was sent on. A PUBREC with a failure reason
+//!   (≥ 0x80: the broker discarded it) is recorded as 503, as legacy-proxy-1 answers; no
+//!   connection, a lost connection or no PUBCOMP within [`DEVICE_PUBLISH_TIMEOUT`] as 0;
+//!   each is retried with the same id after the wait, at the next URL. A PUBCOMP that came
+//!   only after a reconnect is not trusted (a broker restarted from an older snapshot
+//!   completes a resent PUBREL for a message it lost): the alarm is published again. Each
+//!   device keeps one MQTT v5 connection per URL (client id `lps-device-<run>-<user>-<i>`,
+//!   persistent session of [`DEVICE_SESSION_EXPIRY`]), opened at its first alarm and
+//!   closed when the load ends. Unlike legacy-proxy-1, a device cannot check that a
+//!   legacy-proxy-2 is subscribed: Mosquitto completes a QoS 2 publish to a `$share` group
+//!   without members and drops it, which `lps analyze` shows as lost.
+//!
 //! Every request, with all its attempts, becomes one line of the client ledger
 //! ([`crate::records::ClientRecord`]).
 
@@ -21,12 +40,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
+use anyhow::Context;
+use lps_common::config::Env;
+use lps_common::mqtt::mqtt5::QoS;
+use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
 use lps_common::request_id::RequestId;
+use lps_common::wire::LegacyMessage;
 use rand::seq::IndexedRandom;
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::records::{self, ClientRecord, FinalStatus, RequestKind};
+use crate::records::{self, ClientRecord, FinalStatus, RequestKind, RunInfo};
 
 /// Phones of the three alarm devices of upstream's Locust file.
 const PHONES: [&str; 3] = ["015142611148", "01754937448", "016590943333"];
@@ -34,6 +60,56 @@ const PHONES: [&str; 3] = ["015142611148", "01754937448", "016590943333"];
 const BRANCHES: [u32; 15] = [
     2001, 2002, 2003, 2004, 2005, 2006, 2007, 2008, 2009, 2010, 2012, 2013, 2014, 2015, 2016,
 ];
+
+/// The topic alarm devices publish to over MQTT (`--mqtt-ws`): one level before `message`,
+/// so legacy-proxy-2's shared filter `+/message` ([`lps_common::wire::bridge_filters`])
+/// takes it like legacy-proxy-1's `proxy<i>/message`.
+pub const DEVICE_TOPIC: &str = "devices/message";
+
+/// How long a device waits for the PUBCOMP of one publish before it retries.
+pub const DEVICE_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a device waits for its WebSocket upgrade and CONNACK.
+const DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the broker keeps a device's session (its unfinished QoS 2 handshakes) after
+/// the device went away: long enough for a reconnect, short enough that a load's devices
+/// do not pile up in the broker.
+pub const DEVICE_SESSION_EXPIRY: Duration = Duration::from_secs(300);
+
+/// How alarms travel, from the scheme of the entry URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `http://`: `POST /api/v1/simple` to an entry service.
+    Http,
+    /// `ws://` or `wss://`: QoS 2 publishes over MQTT over WebSocket (the edge).
+    MqttWs,
+}
+
+impl Transport {
+    /// The transport of `entries`; they must all use the same one.
+    pub fn of(entries: &[String]) -> anyhow::Result<Self> {
+        let of_one = |url: &str| {
+            if url.starts_with("ws://") || url.starts_with("wss://") {
+                Ok(Self::MqttWs)
+            } else if url.starts_with("http://") || url.starts_with("https://") {
+                Ok(Self::Http)
+            } else {
+                anyhow::bail!(
+                    "{url}: expected an http:// entry URL or a ws:// (wss://) MQTT-over-WebSocket URL"
+                )
+            }
+        };
+        let first = of_one(entries.first().context("no entry URL to send alarms to")?)?;
+        for url in entries {
+            anyhow::ensure!(
+                of_one(url)? == first,
+                "{url}: entry URLs mix HTTP and MQTT over WebSocket"
+            );
+        }
+        Ok(first)
+    }
+}
 
 /// The shape of the alarm load.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +177,10 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Steps completed (step loads).
     pub steps: u32,
+    /// When the load started, µs since the epoch.
+    pub start_us: u64,
+    /// When the load ended (every alarm finished or gave up), µs since the epoch.
+    pub end_us: u64,
 }
 
 impl LoadReport {
@@ -159,11 +239,15 @@ struct Shared {
     give_up: CancellationToken,
     /// Response times of the current performance step, ms.
     step_times: std::sync::Mutex<Vec<f64>>,
+    /// How alarms travel.
+    transport: Transport,
+    /// The MQTT connections of the devices (MQTT over WebSocket).
+    devices: Devices,
 }
 
 /// Runs the load; returns when it is over and every started alarm finished (or gave up).
 pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<LoadReport> {
-    anyhow::ensure!(!config.entries.is_empty(), "no entry URL to send alarms to");
+    let transport = Transport::of(&config.entries)?;
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
@@ -187,8 +271,11 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
         ledger: tx,
         give_up: CancellationToken::new(),
         step_times: std::sync::Mutex::new(Vec::new()),
+        transport,
+        devices: Devices::new(),
     });
     let started = Instant::now();
+    let start_us = records::now_us();
     let stop_sending = stop.child_token();
     let progress = shared
         .config
@@ -225,6 +312,7 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
         p.abort();
     }
     let elapsed = started.elapsed();
+    shared.devices.disconnect().await;
     let counters = &shared.counters;
     let mut report = LoadReport {
         sent: counters.sent.load(Ordering::Relaxed),
@@ -234,6 +322,8 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
         background_failed: counters.background_failed.load(Ordering::Relaxed),
         elapsed,
         steps,
+        start_us,
+        end_us: records::now_us(),
         ..LoadReport::default()
     };
     drop(shared);
@@ -242,6 +332,51 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
     report.failed = report.sent.saturating_sub(report.ok);
     report.response_ms = response_ms;
     Ok(report)
+}
+
+/// Writes `run.json` into `dir` for `lps analyze`, unless `dir` has one (an experiment's):
+/// the load of `report` against a topology started elsewhere (`lps up … --out dir`, then
+/// `lps load … --out dir`). Without a drain measurement, `lps analyze` reports the observed
+/// drain (the `drained_us` key is left out). Returns whether it wrote the file.
+pub fn write_run_info(
+    dir: &std::path::Path,
+    topology: &str,
+    config: &LoadConfig,
+    report: &LoadReport,
+) -> anyhow::Result<bool> {
+    let path = dir.join(records::RUN_INFO);
+    if path.exists() {
+        return Ok(false);
+    }
+    let shape = match &config.shape {
+        Shape::Users(n) => format!("{n} users"),
+        Shape::Rate(rate) => format!("rate {rate}/s"),
+        Shape::Steps { step_users, .. } => format!("steps of {step_users} users"),
+    };
+    let how = match Transport::of(&config.entries)? {
+        Transport::Http => "HTTP",
+        Transport::MqttWs => "MQTT over WebSocket, QoS 2",
+    };
+    let info = RunInfo {
+        topology: topology.to_owned(),
+        broker: None,
+        load: format!("lps load {shape}, {how}"),
+        load_start_us: report.start_us,
+        load_end_us: report.end_us,
+        drained_us: None,
+        platform: None,
+        notes: vec![format!(
+            "alarms sent by lps load to {}; the drain was not measured",
+            config.entries.join(", ")
+        )],
+    };
+    let mut value = serde_json::to_value(&info)?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("drained_us");
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
 }
 
 /// Writes ledger records as they come; returns the response times of acknowledged alarms.
@@ -416,21 +551,42 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, stop: &CancellationToken) {
     finish(shared, tasks).await;
 }
 
-fn alarm_body(user: u32) -> String {
+/// A user's alarm as ars-comp-1 takes it: the user's phone, a random branch, now.
+fn alarm_of(user: u32) -> ars_comp_1::Alarm {
     let mut rng = rand::rng();
     let branch = BRANCHES.choose(&mut rng).copied().unwrap_or(2001);
-    let phone = PHONES[user as usize % PHONES.len()];
-    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
-    format!(
-        r#"{{"phone":"{phone}","branch":"{branch}","headnumber":"8023","triggertime":"{now}"}}"#
-    )
+    ars_comp_1::Alarm {
+        phone: PHONES[user as usize % PHONES.len()].to_owned(),
+        branch: branch.to_string(),
+        headnumber: "8023".to_owned(),
+        triggertime: chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string(),
+    }
+}
+
+/// What one attempt sends: the entry's JSON body, or the device's MQTT payload.
+fn message(transport: Transport, alarm: &ars_comp_1::Alarm, id: &RequestId) -> String {
+    match transport {
+        Transport::Http => format!(
+            r#"{{"phone":"{}","branch":"{}","headnumber":"{}","triggertime":"{}"}}"#,
+            alarm.phone, alarm.branch, alarm.headnumber, alarm.triggertime
+        ),
+        // What legacy-proxy-1 publishes for the same alarm coming from ars-comp-1.
+        Transport::MqttWs => serde_json::to_string(&LegacyMessage {
+            id: alarm.phone.clone(),
+            body: alarm.body_text(),
+            request_id: Some(id.to_string()),
+        })
+        .unwrap_or_default(),
+    }
 }
 
 /// One alarm: sent until acknowledged (rotating endpoints, waiting between attempts) or
 /// until the load gives up; recorded in the ledger.
 async fn alarm(shared: &Shared, user: u32, step: u32) {
     let id = RequestId::generate();
-    let body = alarm_body(user);
+    let body = message(shared.transport, &alarm_of(user), &id);
     let entries = &shared.config.entries;
     let mut record = ClientRecord {
         id: id.to_string(),
@@ -447,40 +603,29 @@ async fn alarm(shared: &Shared, user: u32, step: u32) {
     shared.counters.sent.fetch_add(1, Ordering::Relaxed);
     let mut endpoint = 0;
     loop {
-        let base = &entries[endpoint % entries.len()];
+        let slot = endpoint % entries.len();
+        let base = &entries[slot];
         record.attempts += 1;
         record.endpoints.push(base.clone());
         if record.attempts > 1 {
             shared.counters.retries.fetch_add(1, Ordering::Relaxed);
         }
-        let sent = shared
-            .client
-            .post(format!("{base}/api/v1/simple"))
-            .header("Request-Id", id.as_str())
-            .header("Content-Type", "application/json")
-            .body(body.clone())
-            .send()
-            .await;
-        match sent {
-            Ok(response) => {
-                record.last_status = response.status().as_u16();
-                let ok = response.status().is_success();
-                let _ = response.bytes().await;
-                if ok {
-                    record.success_us = Some(records::now_us());
-                    if let (Shape::Steps { .. }, Some(ms), Ok(mut times)) = (
-                        &shared.config.shape,
-                        record.response_ms(),
-                        shared.step_times.lock(),
-                    ) {
-                        times.push(ms);
-                    }
-                    record.status = FinalStatus::Ok;
-                    shared.counters.ok.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
+        record.last_status = match shared.transport {
+            Transport::Http => post(shared, base, &id, &body).await,
+            Transport::MqttWs => shared.devices.publish(user, slot, base, &body).await,
+        };
+        if (200..300).contains(&record.last_status) {
+            record.success_us = Some(records::now_us());
+            if let (Shape::Steps { .. }, Some(ms), Ok(mut times)) = (
+                &shared.config.shape,
+                record.response_ms(),
+                shared.step_times.lock(),
+            ) {
+                times.push(ms);
             }
-            Err(_) => record.last_status = 0,
+            record.status = FinalStatus::Ok;
+            shared.counters.ok.fetch_add(1, Ordering::Relaxed);
+            break;
         }
         endpoint += 1;
         tokio::select! {
@@ -489,6 +634,135 @@ async fn alarm(shared: &Shared, user: u32, step: u32) {
         }
     }
     let _ = shared.ledger.send(record);
+}
+
+/// One `POST /api/v1/simple`; its status, 0 without an answer.
+async fn post(shared: &Shared, base: &str, id: &RequestId, body: &str) -> u16 {
+    let sent = shared
+        .client
+        .post(format!("{base}/api/v1/simple"))
+        .header("Request-Id", id.as_str())
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await;
+    match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+/// A device connection: the user and the index of its URL.
+type DeviceKey = (u32, usize);
+
+/// The MQTT connections of the alarm devices: one per user and URL, opened at the
+/// device's first alarm, closed when the load ends.
+struct Devices {
+    /// Tells this load's client ids from another's on the same broker.
+    run: String,
+    links: std::sync::Mutex<HashMap<DeviceKey, Arc<OnceCell<Link>>>>,
+    /// The first connect failure was reported.
+    reported: std::sync::atomic::AtomicBool,
+}
+
+impl Devices {
+    fn new() -> Self {
+        Self {
+            run: format!("{}-{}", std::process::id(), records::now_us() % 1_000_000),
+            links: std::sync::Mutex::new(HashMap::new()),
+            reported: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes `payload` as `user`'s device through `url` (the `slot`-th URL); the ledger
+    /// status: 200 on PUBCOMP, 503 when the broker refused the message (PUBREC ≥ 0x80, or
+    /// it grants less than QoS 2), 0 otherwise (not connected, lost mid-handshake, no
+    /// PUBCOMP in time, or a PUBCOMP only after a reconnect, which proves too little).
+    async fn publish(&self, user: u32, slot: usize, url: &str, payload: &str) -> u16 {
+        let link = match self.link(user, slot, url).await {
+            Ok(link) => link,
+            Err(e) => {
+                if !self.reported.swap(true, Ordering::Relaxed) {
+                    eprintln!("alarm device: {e:#} (retrying; further failures not shown)");
+                }
+                return 0;
+            }
+        };
+        let outcome = link
+            .publish(
+                DEVICE_TOPIC,
+                payload.as_bytes().to_vec(),
+                QoS::ExactlyOnce,
+                Vec::new(),
+                DEVICE_PUBLISH_TIMEOUT,
+            )
+            .await;
+        device_status(&outcome)
+    }
+
+    /// The device's connection through `url`, connecting it first if needed.
+    async fn link(&self, user: u32, slot: usize, url: &str) -> anyhow::Result<Link> {
+        let cell = self
+            .links
+            .lock()
+            .map_err(|_| anyhow::anyhow!("device table poisoned"))?
+            .entry((user, slot))
+            .or_default()
+            .clone();
+        let client_id = format!("lps-device-{}-{user}-{slot}", self.run);
+        cell.get_or_try_init(|| connect_device(client_id, url))
+            .await
+            .cloned()
+    }
+
+    /// Disconnects every device cleanly.
+    async fn disconnect(&self) {
+        let links: Vec<Link> = self.links.lock().map_or_else(
+            |_| Vec::new(),
+            |links| links.values().filter_map(|c| c.get().cloned()).collect(),
+        );
+        for link in links {
+            link.disconnect().await;
+        }
+    }
+}
+
+/// The ledger status of a device's publish (see [`Devices::publish`]).
+fn device_status(outcome: &Result<Completed, PublishError>) -> u16 {
+    match outcome {
+        Ok(Completed::Direct) => 200,
+        Err(PublishError::Refused(_) | PublishError::Downgraded(_)) => 503,
+        Ok(Completed::AfterReconnect) | Err(_) => 0,
+    }
+}
+
+/// Opens one device's MQTT v5 connection over WebSocket at `url`.
+async fn connect_device(client_id: String, url: &str) -> anyhow::Result<Link> {
+    let expiry = DEVICE_SESSION_EXPIRY.as_secs().to_string();
+    let settings: HashMap<&str, &str> = [
+        ("SERVICE_NAME", client_id.as_str()),
+        ("MQTT_SESSION_EXPIRY_SECS", expiry.as_str()),
+    ]
+    .into();
+    let config = MqttConfig::from_env(&Env::new(&settings), &client_id)
+        .map_err(|e| anyhow::anyhow!("device settings: {e}"))?;
+    let options = config.connect_options();
+    let link = Link::new(config, options).await?;
+    match tokio::time::timeout(DEVICE_CONNECT_TIMEOUT, link.client.connect(url)).await {
+        Ok(Ok(())) => Ok(link),
+        Ok(Err(e)) => {
+            let _ = link.client.disconnect().await;
+            anyhow::bail!("{client_id}: connecting to {url}: {e}")
+        }
+        Err(_) => {
+            let _ = link.client.disconnect().await;
+            anyhow::bail!("{client_id}: no CONNACK from {url} within {DEVICE_CONNECT_TIMEOUT:?}")
+        }
+    }
 }
 
 async fn background_load(shared: &Shared, url: &str, stop: &CancellationToken) {
@@ -561,6 +835,58 @@ async fn background_load(shared: &Shared, url: &str, stop: &CancellationToken) {
                 .counters
                 .background_failed
                 .fetch_add(failed, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_of_the_entries_picks_the_transport() {
+        let urls = |u: &[&str]| u.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            Transport::of(&urls(&["http://a:1", "http://b:2"])).unwrap(),
+            Transport::Http
+        );
+        assert_eq!(
+            Transport::of(&urls(&["ws://a:1/mqtt", "wss://b/mqtt"])).unwrap(),
+            Transport::MqttWs
+        );
+        for bad in [&["http://a", "ws://b"][..], &["mqtt://a:1883"], &[]] {
+            assert!(Transport::of(&urls(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_device_publishes_what_legacy_proxy_1_would() {
+        let id = RequestId::generate();
+        let alarm = alarm_of(1);
+        let payload = message(Transport::MqttWs, &alarm, &id);
+        // legacy-proxy-2 takes it: a JSON object with the request id.
+        let parsed = lps_common::wire::validate_payload(payload.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(parsed, id);
+        let message: LegacyMessage = serde_json::from_str(&payload).unwrap();
+        assert_eq!(message.id, PHONES[1]);
+        assert_eq!(message.body, alarm.body_text());
+        assert!(message.body.starts_with("Phone: 01754937448, Branch: 20"));
+    }
+
+    #[test]
+    fn only_a_pubcomp_on_the_same_connection_acknowledges() {
+        assert_eq!(device_status(&Ok(Completed::Direct)), 200);
+        assert_eq!(device_status(&Ok(Completed::AfterReconnect)), 0);
+        let refused = PublishError::Refused("QuotaExceeded".into());
+        assert_eq!(device_status(&Err(refused)), 503);
+        let downgraded = PublishError::Downgraded("AtLeastOnce".into());
+        assert_eq!(device_status(&Err(downgraded)), 503);
+        for error in [
+            PublishError::NotConnected,
+            PublishError::Indeterminate("x".into()),
+            PublishError::Failed("x".into()),
+        ] {
+            assert_eq!(device_status(&Err(error)), 0);
         }
     }
 }

@@ -185,6 +185,11 @@ enum Command {
         /// Entry base URLs in rotation order.
         #[arg(long = "entry", default_values = ["http://127.0.0.1:7081", "http://127.0.0.1:7082", "http://127.0.0.1:7083"])]
         entries: Vec<String>,
+        /// Alarm devices instead: each user publishes its alarms at QoS 2 over MQTT over
+        /// WebSocket to this URL (the edge, e.g. ws://127.0.0.1:8000/mqtt); repeat it for
+        /// a rotation. Writes run.json too, for `lps analyze`.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["entries", "http2"])]
+        mqtt_ws: Vec<String>,
         #[command(flatten)]
         load: LoadArgs,
         /// Simulator base URL for the background workload.
@@ -275,7 +280,8 @@ enum Command {
     /// Measure every hop next to its ceiling (throughput, latency, CPU, memory); writes
     /// bench.json and prints a table.
     Bench {
-        /// Scenarios (default: all). Ceilings a scenario is compared with run too.
+        /// Scenarios (default: all but edge, which needs nginx and wrk). Ceilings a
+        /// scenario is compared with run too.
         #[arg(value_enum)]
         scenarios: Vec<lps::bench::Scenario>,
         /// Time measured per figure: 5, 5s, 500ms, 1m (a bare number is seconds).
@@ -451,6 +457,7 @@ fn main() -> ExitCode {
         }
         Command::Load {
             entries,
+            mqtt_ws,
             load,
             background,
             http2,
@@ -458,8 +465,9 @@ fn main() -> ExitCode {
         } => block_on_stoppable(|stop| async move {
             let dir = out.unwrap_or_else(|| timestamped("load"));
             std::fs::create_dir_all(&dir)?;
+            let devices = !mqtt_ws.is_empty();
             let config = LoadConfig {
-                entries,
+                entries: if devices { mqtt_ws } else { entries },
                 shape: load.shape(),
                 duration: load.duration,
                 wait: Duration::from_secs(1),
@@ -474,7 +482,10 @@ fn main() -> ExitCode {
                 ledger: dir.join(lps::records::CLIENT_LEDGER),
                 progress: true,
             };
-            let report = lps::load::run(config, stop).await?;
+            let report = lps::load::run(config.clone(), stop).await?;
+            if devices && lps::load::write_run_info(&dir, "ng", &config, &report)? {
+                println!("run.json: {}", dir.join(lps::records::RUN_INFO).display());
+            }
             println!("{}", report.table());
             println!(
                 "client ledger: {}",
@@ -602,7 +613,11 @@ fn main() -> ExitCode {
         } => block_on_stoppable(|stop| async move {
             let options = lps::bench::BenchOptions {
                 scenarios: if scenarios.is_empty() {
-                    <lps::bench::Scenario as clap::ValueEnum>::value_variants().to_vec()
+                    <lps::bench::Scenario as clap::ValueEnum>::value_variants()
+                        .iter()
+                        .copied()
+                        .filter(|s| *s != lps::bench::Scenario::Edge)
+                        .collect()
                 } else {
                     scenarios
                 },

@@ -4,6 +4,7 @@ mod automations;
 mod bench;
 mod compose;
 mod demo;
+mod devices;
 mod kills;
 mod lifecycle;
 mod load;
