@@ -25,12 +25,13 @@ use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::request_id::RequestId;
-use lps_common::server::Protocols;
+use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::LegacyMessage;
-use lps_common::{Registry, finish_router, service};
+use lps_common::{CancellationToken, Registry, finish_router, service};
 use serde::Deserialize;
+use tokio::net::TcpListener;
 
 /// The entry route.
 pub const SIMPLE_PATH: &str = "/api/v1/simple";
@@ -188,12 +189,30 @@ pub fn app(upstream: Arc<Upstream>, registry: Registry, max_body_bytes: usize) -
     finish_router(routes, registry, max_body_bytes)
 }
 
-/// Builds the client and serves until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Builds the client and serves `listener` until `shutdown` fires, then drains: what the
+/// binary runs (see [`run`]) and what the tests run.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry)?);
     let app = app(upstream, registry, config.server.max_body_bytes);
-    service::serve_until_signal(&config.server, app, Protocols::Http1AndH2c).await
+    service::serve(
+        listener,
+        &config.server,
+        app,
+        Protocols::Http1AndH2c,
+        shutdown,
+    )
+    .await
+}
+
+/// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = service::bind(&config.server)?;
+    serve(config, listener, shutdown_on_signals()).await
 }
 
 async fn simple(
@@ -214,7 +233,7 @@ async fn simple(
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
-/// invalid), then [`run`] until SIGTERM/SIGINT.
+/// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
     let config = Config::from_lookup(&lps_common::config::ProcessEnv)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));

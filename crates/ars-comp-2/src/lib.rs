@@ -20,11 +20,12 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::server::Protocols;
+use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
-use lps_common::{Registry, finish_router, service};
+use lps_common::{CancellationToken, Registry, finish_router, service};
+use tokio::net::TcpListener;
 use tracing::warn;
 
 /// Default target: the simulator on its usual port.
@@ -73,15 +74,33 @@ pub fn app(upstream: Arc<Upstream>, registry: Registry, max_body_bytes: usize) -
     finish_router(routes, registry, max_body_bytes)
 }
 
-/// Builds the client and serves until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Builds the client and serves `listener` until `shutdown` fires, then drains: what the
+/// binary runs (see [`run`]) and what the tests run.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if config.http2_requested {
         warn!("USE_HTTP_2 is ignored: the legacy backend speaks HTTP/1.1 only");
     }
     let mut registry = Registry::default();
     let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry)?);
     let app = app(upstream, registry, config.server.max_body_bytes);
-    service::serve_until_signal(&config.server, app, Protocols::Http1AndH2c).await
+    service::serve(
+        listener,
+        &config.server,
+        app,
+        Protocols::Http1AndH2c,
+        shutdown,
+    )
+    .await
+}
+
+/// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = service::bind(&config.server)?;
+    serve(config, listener, shutdown_on_signals()).await
 }
 
 async fn store(
@@ -94,7 +113,7 @@ async fn store(
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
-/// invalid), then [`run`] until SIGTERM/SIGINT.
+/// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
     let config = Config::from_lookup(&lps_common::config::ProcessEnv)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));

@@ -62,6 +62,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -213,7 +214,7 @@ impl Replay {
 }
 
 /// The bridge state shared by the handlers and the background tasks.
-pub struct Bridge {
+struct Bridge {
     link: Link,
     config: Config,
     window: Semaphore,
@@ -235,7 +236,7 @@ pub struct Bridge {
 impl Bridge {
     /// Creates the client (not yet connected), opens the journal (what it recovered is
     /// published again before the first request is admitted) and registers the metrics.
-    pub async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
+    async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
         let link = Link::new(config.mqtt.clone(), config.mqtt.connect_options()).await?;
         let mut replay = Replay::default();
         let journal = match &config.journal_dir {
@@ -283,13 +284,13 @@ impl Bridge {
     }
 
     /// The readiness flag (`/readyz`).
-    pub fn admitting(&self) -> Arc<AtomicBool> {
+    fn admitting(&self) -> Arc<AtomicBool> {
         self.admitting.clone()
     }
 
     /// Connects and keeps the admission gate, probe and replay in step with the
     /// connection until `shutdown` fires; then disconnects.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let reply_topic = probe_reply_topic(&self.config.mqtt.client_id);
         if !self.link.connect(&shutdown).await {
             return;
@@ -623,7 +624,7 @@ fn unavailable(message: &str) -> ApiError {
 }
 
 /// The router: the bridge route plus `/healthz`, `/readyz` and `/metrics`.
-pub fn app(bridge: Arc<Bridge>, registry: Registry, max_body_bytes: usize) -> Router {
+fn app(bridge: Arc<Bridge>, registry: Registry, max_body_bytes: usize) -> Router {
     let routes = Router::new()
         .route(STORE_PATH, post(store))
         .with_state(bridge.clone())
@@ -631,26 +632,30 @@ pub fn app(bridge: Arc<Bridge>, registry: Registry, max_body_bytes: usize) -> Ro
     finish_router(routes, registry, max_body_bytes)
 }
 
-/// Connects, serves until SIGTERM/SIGINT, lets in-flight requests finish their
-/// handshakes, then disconnects.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Connects, serves `listener` until `shutdown` fires, lets in-flight requests finish their
+/// handshakes, then disconnects. What the binary runs (see [`run`]) and what the tests run.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let server = config.server.clone();
     let bridge = Bridge::new(config, &mut registry).await?;
-    let shutdown = shutdown_on_signals();
     let stop_mqtt = CancellationToken::new();
     let mqtt = tokio::spawn(bridge.clone().run(stop_mqtt.clone()));
-    let served = service::serve(
-        &server,
-        app(bridge, registry, server.max_body_bytes),
-        Protocols::Http1AndH2c,
-        shutdown,
-    )
-    .await;
+    let app = app(bridge, registry, server.max_body_bytes);
+    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, shutdown).await;
     // Only now, with every request answered, close the broker connection.
     stop_mqtt.cancel();
     let _ = mqtt.await;
     served
+}
+
+/// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = service::bind(&config.server)?;
+    serve(config, listener, shutdown_on_signals()).await
 }
 
 async fn store(
@@ -686,7 +691,7 @@ async fn store(
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
-/// invalid), then [`run`] until SIGTERM/SIGINT.
+/// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
     let config = Config::from_lookup(&lps_common::config::ProcessEnv)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));

@@ -69,6 +69,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -354,7 +355,7 @@ impl Client {
 }
 
 /// The bridge state shared by the tasks.
-pub struct Bridge {
+struct Bridge {
     traffic: Client,
     retries: Client,
     control: Client,
@@ -367,7 +368,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Creates the MQTT clients (not yet connected) and the HTTP client.
-    pub async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
+    async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
         let subscriber = |mqtt: &MqttConfig| {
             mqtt.connect_options()
                 .with_deferred_ack(true)
@@ -392,7 +393,7 @@ impl Bridge {
     }
 
     /// The readiness flag (`/readyz`): all three clients connected and subscribed.
-    pub fn ready(&self) -> Arc<AtomicBool> {
+    fn ready(&self) -> Arc<AtomicBool> {
         self.ready.clone()
     }
 
@@ -407,7 +408,7 @@ impl Bridge {
     /// subscriptions after a restart), and handles messages until `shutdown` fires. Then
     /// it takes no new messages, lets the ones in flight finish (forwarded, retried or
     /// dead-lettered, and acknowledged) within `grace`, and disconnects.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
         let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
         let mut inboxes = Vec::new();
         for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
@@ -939,30 +940,36 @@ fn enqueue(
 }
 
 /// The admin router: `/healthz`, `/readyz`, `/metrics`.
-pub fn app(bridge: &Bridge, registry: Registry, max_body_bytes: usize) -> Router {
+fn app(bridge: &Bridge, registry: Registry, max_body_bytes: usize) -> Router {
     finish_router(api::readyz(bridge.ready()), registry, max_body_bytes)
 }
 
-/// Runs the bridge and its admin server until SIGTERM/SIGINT, then drains.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the bridge, and its admin server on `listener`, until `shutdown` fires; then both
+/// drain (the bridge within `SHUTDOWN_GRACE_SECS`). What the binary runs (see [`run`]) and
+/// what the tests run.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let server = config.server.clone();
     let bridge = Bridge::new(config, &mut registry).await?;
-    let shutdown = shutdown_on_signals();
     let worker = tokio::spawn(bridge.clone().run(shutdown.clone(), server.shutdown_grace));
-    let served = service::serve(
-        &server,
-        app(&bridge, registry, server.max_body_bytes),
-        Protocols::Http1AndH2c,
-        shutdown,
-    )
-    .await;
+    let app = app(&bridge, registry, server.max_body_bytes);
+    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, shutdown).await;
     let _ = worker.await;
     served
 }
 
+/// Binds the admin port per `config` and [`serve`]s until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = service::bind(&config.server)?;
+    serve(config, listener, shutdown_on_signals()).await
+}
+
 /// The binary's entry point: configuration from the process environment (exit 64 when
-/// invalid), then [`run`] until SIGTERM/SIGINT.
+/// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
     let config = Config::from_lookup(&lps_common::config::ProcessEnv)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));

@@ -31,6 +31,9 @@ pub mod upstream;
 pub mod wire;
 
 pub use prometheus_client::registry::Registry;
+/// The shutdown signal every service's `serve` takes (re-exported so that services and tests
+/// name one type).
+pub use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 

@@ -1,5 +1,10 @@
 //! The common `main` of a service: telemetry, runtime, bind, signals, serve.
 //!
+//! Every service has the shape of tokio's mini-redis: its library exposes
+//! `serve(config, listener, shutdown)`, which the binary's `run` calls after [`bind`] with
+//! [`server::shutdown_on_signals`], and which the tests call with a listener on
+//! `127.0.0.1:0` and a token of their own.
+//!
 //! It also makes every service binary its own health probe: `<binary> healthcheck [PATH]`
 //! sends `GET PATH` (default `/healthz`) to `127.0.0.1:$HTTP_PORT` over a plain blocking
 //! socket, prints one line, and exits 0 on a 2xx answer, 1 otherwise. Container health
@@ -14,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{Env, Lookup, ProcessEnv, ServerConfig};
@@ -74,24 +81,22 @@ where
     }
 }
 
-/// Binds per `config` and serves `app` until SIGTERM or SIGINT, then drains.
-pub async fn serve_until_signal(
-    config: &ServerConfig,
-    app: Router,
-    protocols: Protocols,
-) -> anyhow::Result<()> {
-    serve(config, app, protocols, server::shutdown_on_signals()).await
+/// Binds the address `config` names, with its listen backlog: what a service's `run` does
+/// before it calls the service's `serve` (tests bind `127.0.0.1:0` instead).
+pub fn bind(config: &ServerConfig) -> anyhow::Result<TcpListener> {
+    server::bind(config.addr(), config.backlog)
+        .with_context(|| format!("binding {}", config.addr()))
 }
 
-/// Binds per `config` and serves `app` until `shutdown` fires, then drains.
+/// Serves `app` on `listener` within `config`'s limits until `shutdown` fires, then lets
+/// in-flight requests finish for `config.shutdown_grace`.
 pub async fn serve(
+    listener: TcpListener,
     config: &ServerConfig,
     app: Router,
     protocols: Protocols,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = server::bind(config.addr(), config.backlog)
-        .with_context(|| format!("binding {}", config.addr()))?;
     server::serve_with_limits(
         listener,
         app,

@@ -1,6 +1,7 @@
 //! Test harness for the LPS services (dev-only).
 //!
-//! - [`TestServer`]: any router served by the real [`lps_common::server::serve`] on
+//! - [`TestServer`]: a service's own `serve(config, listener, shutdown)` (the call its
+//!   binary makes), or any router served by the real [`lps_common::server::serve`], on
 //!   `127.0.0.1:0`, stopped when dropped.
 //! - [`Recorder`]: a fake upstream that records every request (HTTP version, headers,
 //!   body) and answers with a chosen status after a chosen delay.
@@ -48,27 +49,52 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version};
 use lps_common::server::{self, Protocols};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// A router served in-process on an ephemeral loopback port.
+/// A service (its own `serve`) or a router, served in-process on a loopback port.
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
     shutdown: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
+    /// Binds `127.0.0.1:0` and runs `serve(listener, shutdown)` on it: a service's own
+    /// `serve`, the call its binary makes, e.g.
+    /// `TestServer::serve(|l, s| ars_comp_2::serve(config, l, s))`. [`TestServer::stop`]
+    /// fires `shutdown` as SIGTERM would.
+    pub async fn serve<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        Self::serve_on(loopback(), serve).await
+    }
+
+    /// [`TestServer::serve`] on `addr` (to bring a stopped service back on its port).
+    pub async fn serve_on<F, Fut>(addr: SocketAddr, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = server::bind(addr, 1024).expect("bind test server");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
     /// Serves `app` on `127.0.0.1:0` (HTTP/1.1 and h2c).
     pub async fn start(app: Router) -> Self {
-        Self::start_on(
-            "127.0.0.1:0".parse().expect("loopback address"),
-            app,
-            Protocols::default(),
-        )
-        .await
+        Self::start_on(loopback(), app, Protocols::default()).await
     }
 
     /// Serves `app` on `addr` with `protocols`.
@@ -83,22 +109,19 @@ impl TestServer {
         protocols: Protocols,
         limits: server::Limits,
     ) -> Self {
-        let listener = server::bind(addr, 1024).expect("bind test server");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::serve_with_limits(
-            listener,
-            app,
-            protocols,
-            shutdown.clone(),
-            Duration::from_secs(5),
-            limits,
-        ));
-        Self {
-            addr,
-            shutdown,
-            task: Some(task),
-        }
+        Self::serve_on(addr, move |listener, shutdown| async move {
+            server::serve_with_limits(
+                listener,
+                app,
+                protocols,
+                shutdown,
+                Duration::from_secs(5),
+                limits,
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        })
+        .await
     }
 
     /// `http://127.0.0.1:PORT{path}`.
@@ -106,13 +129,20 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Stops accepting, drains, and waits until the server is gone.
+    /// Fires the shutdown token, as SIGTERM would, and waits until the server drained and
+    /// returned. Panics when it returned an error.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(task) = self.task.take()
+            && let Ok(Err(error)) = task.await
+        {
+            panic!("the server stopped with an error: {error:#}");
         }
     }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 impl Drop for TestServer {

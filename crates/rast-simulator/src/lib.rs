@@ -29,10 +29,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use lps_common::api::Body;
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::request_id::REQUEST_ID;
-use lps_common::server::Protocols;
+use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
-use lps_common::{Registry, finish_router, service};
+use lps_common::{CancellationToken, Registry, finish_router, service};
 use rand::Rng;
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::info;
 
@@ -215,24 +216,55 @@ pub fn app(sim: Arc<Simulator>, registry: Registry, max_body_bytes: usize) -> Ro
     finish_router(routes, registry, max_body_bytes)
 }
 
-/// Opens the journal and serves until SIGTERM/SIGINT; the journal is written out before
-/// returning.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let (journal, writer) = Journal::open(&config.journal_dir)?;
-    info!(dir = %config.journal_dir.display(), model = ?config.model, "simulator journal open");
-    let sim = Simulator::new(config.model.clone(), journal);
-    let app = app(sim, Registry::default(), config.server.max_body_bytes);
-    let served = service::serve_until_signal(&config.server, app, Protocols::Http1Only).await;
-    // The router (and with it the last Journal) is gone once serve returns; wait for the
-    // writer to drain, but not forever in case a stuck connection still holds a sender.
-    let closed = tokio::task::spawn_blocking(move || writer.close());
-    if tokio::time::timeout(Duration::from_secs(5), closed)
-        .await
-        .is_err()
-    {
-        tracing::warn!("simulator journal not closed within 5 s");
+impl Simulator {
+    /// Opens the journal in `config.journal_dir` and creates the simulator of
+    /// `config.model`: the first half of [`serve`], for tests that need the simulator's
+    /// [`Load`] too.
+    pub fn open(config: &Config) -> anyhow::Result<(Arc<Self>, journal::Writer)> {
+        let (journal, writer) = Journal::open(&config.journal_dir)?;
+        info!(dir = %config.journal_dir.display(), model = ?config.model, "simulator journal open");
+        Ok((Self::new(config.model.clone(), journal), writer))
     }
-    served
+
+    /// Serves `listener` until `shutdown` fires, drains, then waits (at most 5 s) until the
+    /// journal is written out: the second half of [`serve`].
+    pub async fn serve(
+        self: Arc<Self>,
+        writer: journal::Writer,
+        config: &ServerConfig,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let app = app(self, Registry::default(), config.max_body_bytes);
+        let served = service::serve(listener, config, app, Protocols::Http1Only, shutdown).await;
+        // The router (and with it the last Journal) is gone once serve returns; wait for the
+        // writer to drain, but not forever in case a stuck connection still holds a sender.
+        let closed = tokio::task::spawn_blocking(move || writer.close());
+        if tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("simulator journal not closed within 5 s");
+        }
+        served
+    }
+}
+
+/// Opens the journal and serves `listener` until `shutdown` fires; the journal is written
+/// out before returning. What the binary runs (see [`run`]) and what the tests run.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (sim, writer) = Simulator::open(&config)?;
+    sim.serve(writer, &config.server, listener, shutdown).await
+}
+
+/// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = service::bind(&config.server)?;
+    serve(config, listener, shutdown_on_signals()).await
 }
 
 thread_local! {
@@ -365,7 +397,7 @@ async fn command(
 }
 
 /// The binary's entry point: options from `args` (the first is the program name) and the
-/// process environment (exit 64 when invalid), then [`run`] until SIGTERM/SIGINT.
+/// process environment (exit 64 when invalid), then [`run`].
 pub fn main<I, T>(args: I) -> std::process::ExitCode
 where
     I: IntoIterator<Item = T>,

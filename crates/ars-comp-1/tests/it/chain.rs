@@ -1,35 +1,29 @@
 //! The whole baseline chain on ephemeral ports:
 //! client → ars-comp-1 → (h2c) → ars-comp-2 → (HTTP/1.1) → rast-simulator.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use http::StatusCode;
-use lps_common::Registry;
-use lps_common::server::Protocols;
-use lps_common::upstream::{Upstream, UpstreamConfig, parse_targets};
 use lps_testkit::{Recorder, TestServer, eventually, http1_client};
-use rast_simulator::journal::{self, Journal};
-use rast_simulator::model::Model;
+use rast_simulator::journal;
 use serde_json::json;
 
-const LIMIT: usize = 1 << 20;
+const LIMIT: &str = "1048576";
 
-fn relay_upstream(target: &str, http2: bool) -> (Arc<Upstream>, Registry) {
-    let mut config = UpstreamConfig::for_targets(parse_targets(target).unwrap());
-    config.http2 = http2;
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config, &mut registry).unwrap());
-    (upstream, registry)
-}
-
-/// ars-comp-1 (sending h2c) → ars-comp-2 → `backend`.
+/// ars-comp-1 (sending h2c) → ars-comp-2 → `backend`, each through its own `serve`.
 async fn chain(backend: &str) -> (TestServer, TestServer) {
-    let (upstream, registry) = relay_upstream(backend, false);
-    let ac2 = TestServer::start(ars_comp_2::app(upstream, registry, LIMIT)).await;
-    let (upstream, registry) = relay_upstream(&ac2.url("/ID_REQ_KC_STORE7D3BPACKET"), true);
-    let ac1 = TestServer::start(ars_comp_1::app(upstream, registry, LIMIT)).await;
+    let env = HashMap::from([("TARGET_URL", backend), ("MAX_BODY_BYTES", LIMIT)]);
+    let config = ars_comp_2::Config::from_lookup(&env).unwrap();
+    let ac2 = TestServer::serve(|l, s| ars_comp_2::serve(config, l, s)).await;
+    let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let env = HashMap::from([
+        ("TARGET_URL", target.as_str()),
+        ("USE_HTTP_2", "true"),
+        ("MAX_BODY_BYTES", LIMIT),
+    ]);
+    let config = ars_comp_1::Config::from_lookup(&env).unwrap();
+    let ac1 = TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await;
     (ac1, ac2)
 }
 
@@ -41,14 +35,18 @@ fn alarm(branch: u32) -> String {
 #[tokio::test]
 async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let (journal, writer) = Journal::open(dir.path()).unwrap();
-    let sim = rast_simulator::Simulator::new(Model::Regression0 { corr_max: 2 }, journal);
-    let sim_server = TestServer::start_on(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        rast_simulator::app(sim, Registry::default(), LIMIT),
-        Protocols::Http1Only,
-    )
-    .await;
+    let env = HashMap::from([
+        ("LOG_DIR", dir.path().to_str().unwrap()),
+        ("MAX_BODY_BYTES", LIMIT),
+    ]);
+    let args = rast_simulator::Args {
+        model: "0".to_owned(),
+        corr_max: 2,
+        workers: 4,
+        service_ms: 35.0,
+    };
+    let config = rast_simulator::Config::new(&env, &args).unwrap();
+    let sim_server = TestServer::serve(|l, s| rast_simulator::serve(config, l, s)).await;
     let (ac1, ac2) = chain(&sim_server.url("/ID_REQ_KC_STORE7D3BPACKET")).await;
     let client = http1_client();
     let ids: Vec<String> = (0..20)
@@ -121,11 +119,9 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
         "{stamp}"
     );
 
-    drop((ac1, ac2));
+    ac1.stop().await;
+    ac2.stop().await;
     sim_server.stop().await;
-    tokio::task::spawn_blocking(move || writer.close())
-        .await
-        .unwrap();
 }
 
 #[tokio::test]

@@ -1,22 +1,24 @@
 //! Input forms, bad input and downstream failures, with a recording fake next hop.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use http::StatusCode;
-use lps_common::Registry;
-use lps_common::upstream::{Upstream, UpstreamConfig, parse_targets};
 use lps_testkit::{Recorder, TestServer, http1_client};
 use serde_json::{Value, json};
 
 const BODY_LIMIT: usize = 64 * 1024;
 
+/// ars-comp-1 through its own `serve`, forwarding to `target`.
 async fn entry(target: &str, http2: bool) -> TestServer {
-    let mut config = UpstreamConfig::for_targets(parse_targets(target).unwrap());
-    config.http2 = http2;
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config, &mut registry).unwrap());
-    TestServer::start(ars_comp_1::app(upstream, registry, BODY_LIMIT)).await
+    let limit = BODY_LIMIT.to_string();
+    let env = HashMap::from([
+        ("TARGET_URL", target),
+        ("USE_HTTP_2", if http2 { "true" } else { "false" }),
+        ("MAX_BODY_BYTES", limit.as_str()),
+    ]);
+    let config = ars_comp_1::Config::from_lookup(&env).unwrap();
+    TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await
 }
 
 fn alarm() -> Value {

@@ -1,25 +1,16 @@
 //! The relay hop in-process: payload, protocol, ids.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use http::StatusCode;
-use lps_common::Registry;
-use lps_common::upstream::Upstream;
 use lps_testkit::{Recorder, TestServer, h2c_client};
 use serde_json::{Value, json};
 
+/// ars-comp-2 configured by `env`, through its own `serve`.
 async fn relay(env: &[(&str, &str)]) -> TestServer {
     let env: HashMap<&str, &str> = env.iter().copied().collect();
     let config = ars_comp_2::Config::from_lookup(&env).unwrap();
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry).unwrap());
-    TestServer::start(ars_comp_2::app(
-        upstream,
-        registry,
-        config.server.max_body_bytes,
-    ))
-    .await
+    TestServer::serve(|l, s| ars_comp_2::serve(config, l, s)).await
 }
 
 #[tokio::test]

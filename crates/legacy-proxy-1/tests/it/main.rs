@@ -10,24 +10,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::StatusCode;
-use lps_common::Registry;
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
-use tokio_util::sync::CancellationToken;
 
 const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
 
-struct Lp1 {
-    server: TestServer,
-    stop: CancellationToken,
-}
-
-impl Drop for Lp1 {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
+/// legacy-proxy-1, in-process through its own `serve`.
+type Lp1 = TestServer;
 
 async fn lp1(broker_port: u16, extra: &[(&str, &str)]) -> Lp1 {
     let port = broker_port.to_string();
@@ -40,16 +30,7 @@ async fn lp1(broker_port: u16, extra: &[(&str, &str)]) -> Lp1 {
     .into();
     env.extend(extra.iter().copied());
     let config = legacy_proxy_1::Config::from_lookup(&env).unwrap();
-    let mut registry = Registry::default();
-    let bridge = legacy_proxy_1::Bridge::new(config, &mut registry)
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(bridge.clone().run(stop.clone()));
-    Lp1 {
-        server: TestServer::start(legacy_proxy_1::app(bridge, registry, 1 << 20)).await,
-        stop,
-    }
+    TestServer::serve(|l, s| legacy_proxy_1::serve(config, l, s)).await
 }
 
 /// A plain (non-shared) subscriber to `topic` recording each message's request id.
@@ -100,8 +81,8 @@ async fn publishes_the_message_and_answers_after_the_handshake() {
     let broker = Mosquitto::start().await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
-    wait_ready(&lp1.server).await;
-    let response = post(&lp1.server.url(PATH), "4242").await;
+    wait_ready(&lp1).await;
+    let response = post(&lp1.url(PATH), "4242").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["request-id"], "4242");
     eventually(
@@ -120,23 +101,16 @@ async fn without_a_broker_it_answers_503_and_recovers_by_itself() {
     let mut broker = Mosquitto::start().await;
     broker.kill().await;
     let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
-    let response = post(&lp1.server.url(PATH), "1").await;
+    let response = post(&lp1.url(PATH), "1").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
     let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(body["error"], "broker_unavailable");
-    let ready = http1_client()
-        .get(lp1.server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = http1_client().get(lp1.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     broker.restart().await;
-    wait_ready(&lp1.server).await;
-    assert_eq!(
-        post(&lp1.server.url(PATH), "2").await.status(),
-        StatusCode::OK
-    );
+    wait_ready(&lp1).await;
+    assert_eq!(post(&lp1.url(PATH), "2").await.status(), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +119,7 @@ async fn requests_wait_for_a_subscriber_to_answer_the_probe() {
     let lp1 = lp1(broker.port, &[]).await;
     // Connected, but no legacy-proxy-2 in the group: a message now would be dropped by the
     // broker with a successful PUBREC, so the bridge refuses it.
-    let response = post(&lp1.server.url(PATH), "1").await;
+    let response = post(&lp1.url(PATH), "1").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let backend = Recorder::new();
     let backend_server = TestServer::start(backend.router()).await;
@@ -155,21 +129,15 @@ async fn requests_wait_for_a_subscriber_to_answer_the_probe() {
         ("MQTT_PORT", port),
         ("SERVICE_NAME", "proxy2-1".to_owned()),
         ("TARGET_URL", backend_server.url(PATH)),
+        ("SHUTDOWN_GRACE_SECS", "5".to_owned()),
     ]
     .into_iter()
     .collect();
     let env: HashMap<String, String> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let config = legacy_proxy_2::Config::from_lookup(&env).unwrap();
-    let lp2 = legacy_proxy_2::Bridge::new(config, &mut Registry::default())
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(lp2.run(stop.clone(), Duration::from_secs(5)));
-    wait_ready(&lp1.server).await;
-    assert_eq!(
-        post(&lp1.server.url(PATH), "2").await.status(),
-        StatusCode::OK
-    );
+    let lp2 = TestServer::serve(|l, s| legacy_proxy_2::serve(config, l, s)).await;
+    wait_ready(&lp1).await;
+    assert_eq!(post(&lp1.url(PATH), "2").await.status(), StatusCode::OK);
     eventually("forwarded", Duration::from_secs(10), || {
         let n = backend.requests().len();
         async move { (n == 1).then_some(()) }
@@ -180,7 +148,7 @@ async fn requests_wait_for_a_subscriber_to_answer_the_probe() {
         Some("2"),
         "probes are never forwarded"
     );
-    stop.cancel();
+    drop(lp2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +159,8 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
     let broker = Mosquitto::start_with(&["max_inflight_messages 1"]).await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
-    wait_ready(&lp1.server).await;
-    let url = lp1.server.url(PATH);
+    wait_ready(&lp1).await;
+    let url = lp1.url(PATH);
     let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(1..=300)
         .map(|i| {
             let url = url.clone();
@@ -231,7 +199,7 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
         "most requests get through a window of 1: {refused} refused"
     );
     let metrics = http1_client()
-        .get(lp1.server.url("/metrics"))
+        .get(lp1.url("/metrics"))
         .send()
         .await
         .unwrap()
@@ -333,10 +301,10 @@ async fn a_message_larger_than_legacy_proxy_2_forwards_is_answered_413() {
         &[("SUBSCRIBER_PROBE", "false"), ("MAX_PAYLOAD_BYTES", "200")],
     )
     .await;
-    wait_ready(&lp1.server).await;
+    wait_ready(&lp1).await;
     let big = format!(r#"{{"id":"070010","body":"{}"}}"#, "x".repeat(300));
     let response = http1_client()
-        .post(lp1.server.url(PATH))
+        .post(lp1.url(PATH))
         .header("Request-Id", "1")
         .body(big)
         .send()
@@ -345,10 +313,7 @@ async fn a_message_larger_than_legacy_proxy_2_forwards_is_answered_413() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(body["error"], "payload_too_large");
-    assert_eq!(
-        post(&lp1.server.url(PATH), "2").await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(post(&lp1.url(PATH), "2").await.status(), StatusCode::OK);
     eventually("the small one published", Duration::from_secs(5), || {
         let ids = seen.lock().unwrap().clone();
         async move { (ids == ["2"]).then_some(()) }

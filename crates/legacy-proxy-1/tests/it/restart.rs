@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use http::StatusCode;
-use lps_common::Registry;
 use lps_common::mqtt::mqtt5::{Message, MqttClient, QoS, SubscribeOptions};
 use lps_common::wire::PROBE_PROPERTY;
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
-use tokio_util::sync::CancellationToken;
 
 const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
 
@@ -78,18 +76,13 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
         ("SERVICE_NAME", "proxy2-1".to_owned()),
         ("TARGET_URL", backend_server.url(PATH)),
         ("MQTT_RECEIVE_MAXIMUM", "8".to_owned()),
+        ("SHUTDOWN_GRACE_SECS", "1".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let lp2 = legacy_proxy_2::Bridge::new(
-        legacy_proxy_2::Config::from_lookup(&env).unwrap(),
-        &mut Registry::default(),
-    )
-    .await
-    .unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(lp2.run(stop.clone(), Duration::from_secs(1)));
+    let config = legacy_proxy_2::Config::from_lookup(&env).unwrap();
+    let lp2 = TestServer::serve(|l, s| legacy_proxy_2::serve(config, l, s)).await;
 
     let dir = tempfile::tempdir().unwrap();
     let binary = Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1"));
@@ -167,5 +160,5 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
         "the foreign subscriber saw the traffic itself ({} messages)",
         foreign.len()
     );
-    stop.cancel();
+    drop(lp2);
 }

@@ -19,7 +19,7 @@ async fn start(script: Script, extra: &[(&str, &str)]) -> (ScriptedBroker, Lp1) 
     let broker = ScriptedBroker::start(script).await;
     let env: Vec<_> = SETTINGS.iter().chain(extra).copied().collect();
     let lp1 = lp1(lps_testkit::Broker::port(&broker), &env).await;
-    wait_ready(&lp1.server).await;
+    wait_ready(&lp1).await;
     (broker, lp1)
 }
 
@@ -38,7 +38,7 @@ async fn assert_unavailable(response: reqwest::Response) {
 /// absent).
 async fn publishes(lp1: &Lp1, outcome: &str) -> u64 {
     let text = http1_client()
-        .get(lp1.server.url("/metrics"))
+        .get(lp1.url("/metrics"))
         .send()
         .await
         .unwrap()
@@ -64,7 +64,7 @@ async fn a_pubrec_0x97_is_answered_503_never_200() {
     };
     let settings = [("MQTT_MAX_INFLIGHT", "2"), ("PUBLISH_TIMEOUT_MS", "2000")];
     let (broker, lp1) = start(script, &settings).await;
-    let url = lp1.server.url(PATH);
+    let url = lp1.url(PATH);
     for i in 0..20 {
         assert_unavailable(post(&url, &i.to_string()).await).await;
     }
@@ -94,7 +94,7 @@ async fn a_broker_that_never_completes_is_answered_503_within_the_publish_timeou
     };
     let (broker, lp1) = start(script, &[("PUBLISH_TIMEOUT_MS", "500")]).await;
     let started = Instant::now();
-    let response = post(&lp1.server.url(PATH), "1").await;
+    let response = post(&lp1.url(PATH), "1").await;
     let elapsed = started.elapsed();
     assert_unavailable(response).await;
     assert!(
@@ -115,7 +115,7 @@ async fn a_broker_granting_only_qos_0_is_answered_503() {
             ..Script::default()
         };
         let (broker, lp1) = start(script, &[("MQTT_QOS", qos)]).await;
-        let response = post(&lp1.server.url(PATH), "1").await;
+        let response = post(&lp1.url(PATH), "1").await;
         assert_unavailable(response).await;
         assert_eq!(
             publishes(&lp1, "downgraded").await,

@@ -27,12 +27,7 @@ async fn with_the_embedded_broker_every_acknowledged_request_arrives_exactly_onc
 
 async fn chain(broker: &dyn Broker) {
     let sim = Simulator::start(Model::Zero).await;
-    let ac2 = harness::relay(
-        ars_comp_2::app,
-        &sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
-        false,
-    )
-    .await;
+    let ac2 = harness::ars_comp_2(&sim.server.url("/ID_REQ_KC_STORE7D3BPACKET")).await;
     let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
     let mut lp2s = Vec::new();
     for i in 1..=3 {
@@ -56,14 +51,7 @@ async fn chain(broker: &dyn Broker) {
             &[],
         )
         .await;
-        entries.push(
-            harness::relay(
-                ars_comp_1::app,
-                &lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
-                false,
-            )
-            .await,
-        );
+        entries.push(harness::ars_comp_1(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET")).await);
         lp1s.push(lp1);
     }
     harness::ready(&lp2s.iter().chain(&lp1s).collect::<Vec<_>>()).await;

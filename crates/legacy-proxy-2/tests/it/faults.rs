@@ -151,7 +151,7 @@ async fn with_the_downstream_down_messages_retry_and_arrive_once_it_is_back_with
 async fn downstream_down(broker: &dyn lps_testkit::Broker) {
     let sim = Simulator::start(Model::Zero).await;
     let sim_url = sim.server.url("/ID_REQ_KC_STORE7D3BPACKET");
-    let ac2 = harness::relay(ars_comp_2::app, &sim_url, false).await;
+    let ac2 = harness::ars_comp_2(&sim_url).await;
     let ac2_addr: SocketAddr = ac2.addr;
     let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
     // While the target is down the retry path paces its trials up to the backoff cap;

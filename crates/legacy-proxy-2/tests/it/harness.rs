@@ -5,16 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lps_common::Registry;
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
-use lps_common::server::Protocols;
-use lps_common::upstream::{Upstream, UpstreamConfig, parse_targets};
 use lps_testkit::Broker;
 use lps_testkit::TestServer;
-use rast_simulator::journal::{self, Journal};
+use rast_simulator::journal;
 use rast_simulator::model::Model;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 fn env_map(pairs: Vec<(String, String)>) -> HashMap<String, String> {
     pairs.into_iter().collect()
@@ -28,20 +23,15 @@ fn broker_env(broker: &dyn Broker) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A bridge running in this process.
+/// A bridge running in this process, through its own `serve`.
 pub struct Running {
     pub server: TestServer,
-    stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops the bridge the way SIGTERM would and waits for it.
-    pub async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// The bridge's `/metrics` text.
@@ -59,12 +49,6 @@ impl Running {
     /// One counter's value from `/metrics`.
     pub async fn counter(&self, line_prefix: &str) -> f64 {
         metric(&self.metrics().await, line_prefix)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -88,18 +72,8 @@ pub async fn lp1(broker: &dyn Broker, name: &str, topic: &str, extra: &[(&str, &
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
     let config = legacy_proxy_1::Config::from_lookup(&env_map(pairs)).unwrap();
-    let mut registry = Registry::default();
-    let bridge = legacy_proxy_1::Bridge::new(config, &mut registry)
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(bridge.clone().run(stop.clone()));
-    let server = TestServer::start(legacy_proxy_1::app(bridge, registry, 1 << 20)).await;
-    Running {
-        server,
-        stop,
-        task: Some(task),
-    }
+    let server = TestServer::serve(|l, s| legacy_proxy_1::serve(config, l, s)).await;
+    Running { server }
 }
 
 /// legacy-proxy-2 `name` forwarding to `target`.
@@ -114,18 +88,8 @@ pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, 
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
     let config = legacy_proxy_2::Config::from_lookup(&env_map(pairs)).unwrap();
-    let mut registry = Registry::default();
-    let bridge = legacy_proxy_2::Bridge::new(config, &mut registry)
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(bridge.clone().run(stop.clone(), Duration::from_secs(10)));
-    let server = TestServer::start(legacy_proxy_2::app(&bridge, registry, 1 << 20)).await;
-    Running {
-        server,
-        stop,
-        task: Some(task),
-    }
+    let server = TestServer::serve(|l, s| legacy_proxy_2::serve(config, l, s)).await;
+    Running { server }
 }
 
 /// Waits until `/readyz` of each service answers 200.
@@ -143,20 +107,20 @@ pub async fn ready(services: &[&Running]) {
     }
 }
 
-/// A relay (ars-comp-2 or ars-comp-1 app) in front of `target`.
-pub async fn relay(
-    app: fn(Arc<Upstream>, Registry, usize) -> axum::Router,
-    target: &str,
-    http2: bool,
-) -> TestServer {
-    let mut config = UpstreamConfig::for_targets(parse_targets(target).unwrap());
-    config.http2 = http2;
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config, &mut registry).unwrap());
-    TestServer::start(app(upstream, registry, 1 << 20)).await
+/// ars-comp-2 in front of `target`, through its own `serve`.
+pub async fn ars_comp_2(target: &str) -> TestServer {
+    ars_comp_2_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
 }
 
-/// The simulator with a journal in a temporary folder.
+/// ars-comp-1 in front of `target`, through its own `serve`.
+pub async fn ars_comp_1(target: &str) -> TestServer {
+    let config =
+        ars_comp_1::Config::from_lookup(&env_map(vec![("TARGET_URL".into(), target.into())]))
+            .unwrap();
+    TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await
+}
+
+/// The simulator with its journal in a temporary folder, through its own `serve`.
 pub struct Simulator {
     pub server: TestServer,
     pub dir: tempfile::TempDir,
@@ -165,14 +129,16 @@ pub struct Simulator {
 impl Simulator {
     pub async fn start(model: Model) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _writer) = Journal::open(dir.path()).unwrap();
-        let sim = rast_simulator::Simulator::new(model, journal);
-        let server = TestServer::start_on(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            rast_simulator::app(sim, Registry::default(), 1 << 20),
-            Protocols::Http1Only,
-        )
-        .await;
+        let env = env_map(vec![("LOG_DIR".into(), dir.path().display().to_string())]);
+        let args = rast_simulator::Args {
+            model: "zero".to_owned(),
+            corr_max: 0,
+            workers: 4,
+            service_ms: 35.0,
+        };
+        let mut config = rast_simulator::Config::new(&env, &args).unwrap();
+        config.model = model;
+        let server = TestServer::serve(|l, s| rast_simulator::serve(config, l, s)).await;
         Self { server, dir }
     }
 
@@ -243,15 +209,10 @@ pub fn message() -> String {
 
 /// ars-comp-2 on `addr` in front of `target` (to bring a stopped one back on its port).
 pub async fn ars_comp_2_on(addr: SocketAddr, target: &str) -> TestServer {
-    let config = UpstreamConfig::for_targets(parse_targets(target).unwrap());
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config, &mut registry).unwrap());
-    TestServer::start_on(
-        addr,
-        ars_comp_2::app(upstream, registry, 1 << 20),
-        Protocols::default(),
-    )
-    .await
+    let config =
+        ars_comp_2::Config::from_lookup(&env_map(vec![("TARGET_URL".into(), target.into())]))
+            .unwrap();
+    TestServer::serve_on(addr, |l, s| ars_comp_2::serve(config, l, s)).await
 }
 
 /// Sends `ids` to legacy-proxy-1 at `url`, `concurrency` at a time; returns the status of each.

@@ -47,7 +47,7 @@ fn load(
 async fn outage(broker: &dyn Broker, what: &str, concurrency: u64, pause: Duration) {
     let sim = Simulator::start(Model::Zero).await;
     let sim_url = sim.server.url(PATH);
-    let ac2 = harness::relay(ars_comp_2::app, &sim_url, false).await;
+    let ac2 = harness::ars_comp_2(&sim_url).await;
     let ac2_addr = ac2.addr;
     let target = ac2.url(PATH);
     let lp2a = harness::lp2(broker, "proxy2-1", &target, &SHORT_BACKOFF).await;

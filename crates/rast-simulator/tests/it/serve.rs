@@ -1,16 +1,14 @@
 //! The simulator in-process: model-0 delays, capacity model, journal.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use lps_common::Registry;
-use lps_common::server::Protocols;
 use lps_testkit::{TestServer, eventually, h2c_client, http1_client};
-use rast_simulator::Simulator;
-use rast_simulator::journal::{self, Journal, LedgerRecord};
+use rast_simulator::journal::{self, LedgerRecord};
 use rast_simulator::model::{self, Model};
+use rast_simulator::{Args, Config, Simulator};
 use tempfile::TempDir;
 
 struct Sim {
@@ -20,15 +18,24 @@ struct Sim {
 }
 
 impl Sim {
+    /// The simulator of `model` with its journal in a temporary folder, served the way
+    /// [`rast_simulator::serve`] serves it, keeping a handle on its load.
     async fn start(model: Model) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _writer) = Journal::open(dir.path()).unwrap();
-        let sim = Simulator::new(model, journal);
-        let server = TestServer::start_on(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            rast_simulator::app(sim.clone(), Registry::default(), 1 << 20),
-            Protocols::Http1Only,
-        )
+        let env = HashMap::from([("LOG_DIR", dir.path().to_str().unwrap())]);
+        let args = Args {
+            model: "zero".to_owned(),
+            corr_max: 0,
+            workers: 4,
+            service_ms: 35.0,
+        };
+        let mut config = Config::new(&env, &args).unwrap();
+        config.model = model;
+        let (sim, writer) = Simulator::open(&config).unwrap();
+        let server = TestServer::serve(|listener, shutdown| {
+            let sim = sim.clone();
+            async move { sim.serve(writer, &config.server, listener, shutdown).await }
+        })
         .await;
         Self { sim, server, dir }
     }
