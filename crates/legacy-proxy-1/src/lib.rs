@@ -51,7 +51,11 @@ use axum::routing::post;
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use lps_common::api::{self, ApiError, Body};
-use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::config::{
+    ConfigError, ENV_MAX_PAYLOAD_BYTES, ENV_MQTT_MAX_INFLIGHT, ENV_MQTT_TOPIC,
+    ENV_PUBLISH_TIMEOUT_MS, ENV_REPLAY_JOURNAL_DIR, ENV_REPLAY_WINDOW_MS, ENV_SUBSCRIBER_PROBE,
+    Env, Lookup, ServerConfig,
+};
 use lps_common::mqtt::mqtt5::{QoS, SubscribeOptions};
 use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
 use lps_common::server::{Protocols, shutdown_on_signals};
@@ -108,9 +112,9 @@ impl Config {
     /// Reads the configuration from `lookup`.
     pub fn from_lookup(lookup: &dyn Lookup) -> Result<Self, ConfigError> {
         let env = Env::new(lookup);
-        let topic = lps_common::mqtt::topic_from_env(&env, "MQTT_TOPIC", "proxy1/message")?;
+        let topic = lps_common::mqtt::topic_from_env(&env, ENV_MQTT_TOPIC, "proxy1/message")?;
         let journal_dir = env
-            .raw("REPLAY_JOURNAL_DIR")
+            .raw(ENV_REPLAY_JOURNAL_DIR)
             .filter(|dir| !dir.trim().is_empty())
             .map(PathBuf::from);
         Ok(Self {
@@ -118,13 +122,13 @@ impl Config {
             telemetry: TelemetryConfig::from_env(&env, "legacy-proxy-1")?,
             mqtt: MqttConfig::from_env(&env, "legacy-proxy-1")?,
             topic,
-            publish_timeout: env.millis("PUBLISH_TIMEOUT_MS", Duration::from_secs(5))?,
-            max_inflight: env.number("MQTT_MAX_INFLIGHT", 1024, 1, 65_535)?,
-            replay_window: env.millis("REPLAY_WINDOW_MS", Duration::from_secs(5))?,
+            publish_timeout: env.millis(ENV_PUBLISH_TIMEOUT_MS, Duration::from_secs(5))?,
+            max_inflight: env.number(ENV_MQTT_MAX_INFLIGHT, 1024, 1, 65_535)?,
+            replay_window: env.millis(ENV_REPLAY_WINDOW_MS, Duration::from_secs(5))?,
             journal_dir,
-            probe: env.flag("SUBSCRIBER_PROBE", true)?,
+            probe: env.flag(ENV_SUBSCRIBER_PROBE, true)?,
             max_payload_bytes: env.number(
-                "MAX_PAYLOAD_BYTES",
+                ENV_MAX_PAYLOAD_BYTES,
                 lps_common::wire::MAX_PAYLOAD_BYTES,
                 1,
                 256 << 20,

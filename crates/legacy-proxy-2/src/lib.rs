@@ -51,7 +51,11 @@ use axum::Router;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::StatusCode;
-use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::config::{
+    ConfigError, ENV_DEAD_LETTER_TOPIC, ENV_MAX_ATTEMPTS, ENV_MAX_PAYLOAD_BYTES,
+    ENV_MQTT_RECEIVE_MAXIMUM, ENV_MQTT_SHARE_GROUP, ENV_PUBLISH_TIMEOUT_MS,
+    ENV_RETRY_BACKOFF_MAX_MS, ENV_RETRY_BACKOFF_MS, Env, Lookup, ServerConfig,
+};
 use lps_common::mqtt::mqtt5::packet::publish::PublishPacket;
 use lps_common::mqtt::mqtt5::{AckToken, PublishOptions, QoS, SubscribeOptions};
 use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
@@ -60,8 +64,8 @@ use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig, UpstreamError};
 use lps_common::wire::{
-    ATTEMPT_PROPERTY, NOT_BEFORE_PROPERTY, PROBE_PROPERTY, PROBE_TOPIC, SHARE_GROUP,
-    SOURCE_TOPIC_PROPERTY, bridge_filters, retry_topic,
+    ATTEMPT_PROPERTY, LAST_ERROR_PROPERTY, NOT_BEFORE_PROPERTY, PROBE_PROPERTY, PROBE_TOPIC,
+    SHARE_GROUP, SOURCE_TOPIC_PROPERTY, bridge_filters, retry_topic,
 };
 use lps_common::{Registry, api, dead_letters, finish_router, service};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -121,13 +125,13 @@ impl Config {
         let env = Env::new(lookup);
         let dead_letter_topic = lps_common::mqtt::topic_from_env(
             &env,
-            "DEAD_LETTER_TOPIC",
+            ENV_DEAD_LETTER_TOPIC,
             lps_common::wire::DEAD_LETTER_TOPIC,
         )?;
-        let group = env.string("MQTT_SHARE_GROUP", SHARE_GROUP);
+        let group = env.string(ENV_MQTT_SHARE_GROUP, SHARE_GROUP);
         if group.contains(['/', '+', '#']) {
             return Err(ConfigError::new(
-                "MQTT_SHARE_GROUP",
+                ENV_MQTT_SHARE_GROUP,
                 &group,
                 "a group name without '/', '+' or '#'",
             ));
@@ -138,18 +142,18 @@ impl Config {
             mqtt: MqttConfig::from_env(&env, "legacy-proxy-2")?,
             upstream: UpstreamConfig::from_env(&env, DEFAULT_TARGET)?,
             group,
-            receive_maximum: env.number("MQTT_RECEIVE_MAXIMUM", 32, 1, 65_535)?,
-            max_attempts: env.number("MAX_ATTEMPTS", 0, 0, u32::MAX)?,
-            retry_backoff: env.millis("RETRY_BACKOFF_MS", Duration::from_millis(500))?,
-            retry_backoff_max: env.millis("RETRY_BACKOFF_MAX_MS", Duration::from_secs(30))?,
+            receive_maximum: env.number(ENV_MQTT_RECEIVE_MAXIMUM, 32, 1, 65_535)?,
+            max_attempts: env.number(ENV_MAX_ATTEMPTS, 0, 0, u32::MAX)?,
+            retry_backoff: env.millis(ENV_RETRY_BACKOFF_MS, Duration::from_millis(500))?,
+            retry_backoff_max: env.millis(ENV_RETRY_BACKOFF_MAX_MS, Duration::from_secs(30))?,
             dead_letter_topic,
             max_payload_bytes: env.number(
-                "MAX_PAYLOAD_BYTES",
+                ENV_MAX_PAYLOAD_BYTES,
                 lps_common::wire::MAX_PAYLOAD_BYTES,
                 1,
                 256 << 20,
             )?,
-            publish_timeout: env.millis("PUBLISH_TIMEOUT_MS", Duration::from_secs(5))?,
+            publish_timeout: env.millis(ENV_PUBLISH_TIMEOUT_MS, Duration::from_secs(5))?,
         })
     }
 
@@ -710,7 +714,7 @@ impl Bridge {
                         SOURCE_TOPIC_PROPERTY.to_owned(),
                         source_topic(packet).to_owned(),
                     ),
-                    ("last-error".to_owned(), why),
+                    (LAST_ERROR_PROPERTY.to_owned(), why),
                 ];
                 let topic = retry_topic(&self.config.mqtt.client_id);
                 match self.republish(&topic, &packet.payload, options, true).await {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::wire::READYZ_PATH;
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -431,7 +432,7 @@ pub fn legacy_message(
 /// `GET /readyz`: 200 while `ready` holds, else 503; both JSON.
 pub fn readyz(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> axum::Router {
     axum::Router::new().route(
-        "/readyz",
+        READYZ_PATH,
         axum::routing::get(move || {
             let ready = ready.load(std::sync::atomic::Ordering::Acquire);
             async move {

@@ -502,13 +502,13 @@ mod tests {
         assert_eq!(options.qos, QoS::ExactlyOnce);
         let expected = [
             (
-                "dead-letter-reason",
+                DEAD_LETTER_REASON_PROPERTY,
                 "rejected: the target rejected it with 400 Bad Request",
             ),
-            ("attempt", "3"),
-            ("source-topic", "proxy2-1/retry/message"),
-            ("dead-lettered-by", "proxy2-1"),
-            ("dead-lettered-at", "2025-01-31T12:00:00.123Z"),
+            (ATTEMPT_PROPERTY, "3"),
+            (SOURCE_TOPIC_PROPERTY, "proxy2-1/retry/message"),
+            (DEAD_LETTERED_BY_PROPERTY, "proxy2-1"),
+            (DEAD_LETTERED_AT_PROPERTY, "2025-01-31T12:00:00.123Z"),
         ];
         let got: Vec<(&str, &str)> = properties(&options)
             .iter()
@@ -531,7 +531,7 @@ mod tests {
         let at = chrono::DateTime::from_timestamp(secs as i64, nanos).unwrap();
         let property = properties(&first)
             .iter()
-            .find(|(k, _)| k == "dead-lettered-at")
+            .find(|(k, _)| k == DEAD_LETTERED_AT_PROPERTY)
             .map(|(_, v)| v.clone())
             .unwrap();
         assert_eq!(
@@ -575,7 +575,7 @@ mod tests {
             ("unknown", 1, None)
         );
         assert_eq!(bare.source_topic, None);
-        let props = [("dead-letter-reason".to_owned(), "panic".to_owned())];
+        let props = [(DEAD_LETTER_REASON_PROPERTY.to_owned(), "panic".to_owned())];
         let reason_only = DeadLetter::parse("p", "p/k", b"{}".to_vec(), &props).unwrap();
         assert_eq!(
             (reason_only.reason_text(), reason_only.detail),
@@ -598,7 +598,10 @@ mod tests {
             "p",
             "p/k",
             b"x".to_vec(),
-            &[("source-topic".to_owned(), "proxy1/message".to_owned())],
+            &[(
+                SOURCE_TOPIC_PROPERTY.to_owned(),
+                "proxy1/message".to_owned(),
+            )],
         )
         .unwrap();
         assert_eq!(replay_target(&good, "p"), Ok("proxy1/message"));
@@ -608,7 +611,7 @@ mod tests {
         assert!(
             replay_target(&bad, "p")
                 .unwrap_err()
-                .contains("source-topic")
+                .contains(SOURCE_TOPIC_PROPERTY)
         );
         for topic in ["a/+/message", "#", "$share/g/a/message", ""] {
             bad.source_topic = Some(topic.to_owned());

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::wire::{HEALTHZ_PATH, METRICS_PATH};
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -124,8 +125,8 @@ pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next)
 /// `GET /healthz` and `GET /metrics` over `registry`.
 pub fn ops_routes(registry: Arc<Registry>) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics).with_state(registry))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(METRICS_PATH, get(metrics).with_state(registry))
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -38,7 +38,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{ConfigError, Env};
+use crate::config::{
+    ConfigError, ENV_MQTT_BROKER, ENV_MQTT_CA_FILE, ENV_MQTT_CLIENT_CERT_FILE,
+    ENV_MQTT_CLIENT_KEY_FILE, ENV_MQTT_HOST, ENV_MQTT_KEEPALIVE_SECS, ENV_MQTT_PASSWORD,
+    ENV_MQTT_PASSWORD_FILE, ENV_MQTT_PORT, ENV_MQTT_QOS, ENV_MQTT_RECONNECT_MAX_MS,
+    ENV_MQTT_RECONNECT_MIN_MS, ENV_MQTT_SESSION_EXPIRY_SECS, ENV_MQTT_TLS, ENV_MQTT_USERNAME,
+    ENV_SERVICE_NAME, Env,
+};
 
 pub use mqtt5;
 
@@ -112,19 +118,19 @@ pub struct BrokerTls {
 impl BrokerTls {
     /// Reads and checks the TLS files; `None` when TLS is off.
     fn from_env(env: &Env<'_>) -> Result<Option<Self>, ConfigError> {
-        let ca = read_file(env, "MQTT_CA_FILE")?;
-        let cert = read_file(env, "MQTT_CLIENT_CERT_FILE")?;
-        let key = read_file(env, "MQTT_CLIENT_KEY_FILE")?;
+        let ca = read_file(env, ENV_MQTT_CA_FILE)?;
+        let cert = read_file(env, ENV_MQTT_CLIENT_CERT_FILE)?;
+        let key = read_file(env, ENV_MQTT_CLIENT_KEY_FILE)?;
         let any_file = ca.is_some() || cert.is_some() || key.is_some();
-        let on = match env.raw("MQTT_TLS") {
+        let on = match env.raw(ENV_MQTT_TLS) {
             None => any_file,
-            Some(_) => env.flag("MQTT_TLS", false)?,
+            Some(_) => env.flag(ENV_MQTT_TLS, false)?,
         };
         if !on {
             if any_file {
                 return Err(ConfigError::new(
-                    "MQTT_TLS",
-                    &env.string("MQTT_TLS", ""),
+                    ENV_MQTT_TLS,
+                    &env.string(ENV_MQTT_TLS, ""),
                     "1|true|yes when MQTT_CA_FILE, MQTT_CLIENT_CERT_FILE or MQTT_CLIENT_KEY_FILE is set",
                 ));
             }
@@ -136,7 +142,7 @@ impl BrokerTls {
             && check.load_ca_cert_pem_bytes(pem).is_err()
         {
             return Err(ConfigError::new(
-                "MQTT_CA_FILE",
+                ENV_MQTT_CA_FILE,
                 path,
                 "a file of PEM certificates (-----BEGIN CERTIFICATE-----)",
             ));
@@ -146,7 +152,7 @@ impl BrokerTls {
             (Some((path, pem)), Some((key_path, key_pem))) => {
                 if check.load_client_cert_pem_bytes(pem).is_err() {
                     return Err(ConfigError::new(
-                        "MQTT_CLIENT_CERT_FILE",
+                        ENV_MQTT_CLIENT_CERT_FILE,
                         path,
                         "a file of PEM certificates (-----BEGIN CERTIFICATE-----)",
                     ));
@@ -155,7 +161,7 @@ impl BrokerTls {
                     || check.client_config().is_err()
                 {
                     return Err(ConfigError::new(
-                        "MQTT_CLIENT_KEY_FILE",
+                        ENV_MQTT_CLIENT_KEY_FILE,
                         key_path,
                         "the PEM private key of MQTT_CLIENT_CERT_FILE",
                     ));
@@ -163,14 +169,14 @@ impl BrokerTls {
             }
             (Some((path, _)), None) => {
                 return Err(ConfigError::new(
-                    "MQTT_CLIENT_KEY_FILE",
+                    ENV_MQTT_CLIENT_KEY_FILE,
                     "",
                     format!("the PEM private key of MQTT_CLIENT_CERT_FILE={path}"),
                 ));
             }
             (None, Some((path, _))) => {
                 return Err(ConfigError::new(
-                    "MQTT_CLIENT_CERT_FILE",
+                    ENV_MQTT_CLIENT_CERT_FILE,
                     "",
                     format!("the PEM certificate of MQTT_CLIENT_KEY_FILE={path}"),
                 ));
@@ -202,10 +208,10 @@ fn read_file(env: &Env<'_>, var: &str) -> Result<Option<(String, Vec<u8>)>, Conf
 /// The password from `MQTT_PASSWORD` or `MQTT_PASSWORD_FILE` (not both).
 fn password_from_env(env: &Env<'_>) -> Result<Option<Secret>, ConfigError> {
     // Not `raw`: a password may begin or end with spaces.
-    let inline = env.exact("MQTT_PASSWORD");
-    match (inline, read_file(env, "MQTT_PASSWORD_FILE")?) {
+    let inline = env.exact(ENV_MQTT_PASSWORD);
+    match (inline, read_file(env, ENV_MQTT_PASSWORD_FILE)?) {
         (Some(_), Some((path, _))) => Err(ConfigError::new(
-            "MQTT_PASSWORD_FILE",
+            ENV_MQTT_PASSWORD_FILE,
             &path,
             "unset while MQTT_PASSWORD is set (give the password one way)",
         )),
@@ -227,38 +233,38 @@ impl MqttConfig {
     /// Reads the broker settings; `default_client_id` applies when `SERVICE_NAME` is unset.
     pub fn from_env(env: &Env<'_>, default_client_id: &str) -> Result<Self, ConfigError> {
         let host = env
-            .raw_any(&["MQTT_HOST", "MQTT_BROKER"])
+            .raw_any(&[ENV_MQTT_HOST, ENV_MQTT_BROKER])
             .map_or_else(|| "localhost".to_owned(), |(_, v)| v);
         if host.contains(['/', ' ', ':']) && host.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(ConfigError::new(
-                "MQTT_HOST",
+                ENV_MQTT_HOST,
                 &host,
                 "a host name or IP address, without scheme or port",
             ));
         }
-        let session_expiry: u32 = env.number("MQTT_SESSION_EXPIRY_SECS", 86_400, 1, u32::MAX)?;
-        let client_id = env.string("SERVICE_NAME", default_client_id);
+        let session_expiry: u32 = env.number(ENV_MQTT_SESSION_EXPIRY_SECS, 86_400, 1, u32::MAX)?;
+        let client_id = env.string(ENV_SERVICE_NAME, default_client_id);
         if client_id.len() > 128
             || client_id
                 .chars()
                 .any(|c| c.is_control() || c.is_whitespace() || "/+#".contains(c))
         {
             return Err(ConfigError::new(
-                "SERVICE_NAME",
+                ENV_SERVICE_NAME,
                 &client_id,
                 "an MQTT client id: up to 128 characters, no spaces, control characters, '/', '+' or '#'",
             ));
         }
-        let qos = match env.number("MQTT_QOS", 2u8, 1, 2)? {
+        let qos = match env.number(ENV_MQTT_QOS, 2u8, 1, 2)? {
             1 => QoS::AtLeastOnce,
             _ => QoS::ExactlyOnce,
         };
         let tls = BrokerTls::from_env(env)?;
-        let username = env.raw("MQTT_USERNAME");
+        let username = env.raw(ENV_MQTT_USERNAME);
         let password = password_from_env(env)?;
         if password.is_some() && username.is_none() {
             return Err(ConfigError::new(
-                "MQTT_USERNAME",
+                ENV_MQTT_USERNAME,
                 "",
                 "a user name for the password in MQTT_PASSWORD or MQTT_PASSWORD_FILE",
             ));
@@ -266,13 +272,13 @@ impl MqttConfig {
         let default_port = if tls.is_some() { 8883 } else { 1883 };
         Ok(Self {
             host,
-            port: env.number("MQTT_PORT", default_port, 1, u16::MAX)?,
+            port: env.number(ENV_MQTT_PORT, default_port, 1, u16::MAX)?,
             client_id,
             qos,
             session_expiry: Duration::from_secs(u64::from(session_expiry)),
-            keep_alive: Duration::from_secs(env.number("MQTT_KEEPALIVE_SECS", 30, 0, 65_535)?),
-            reconnect_min: env.millis("MQTT_RECONNECT_MIN_MS", Duration::from_millis(250))?,
-            reconnect_max: env.millis("MQTT_RECONNECT_MAX_MS", Duration::from_secs(5))?,
+            keep_alive: Duration::from_secs(env.number(ENV_MQTT_KEEPALIVE_SECS, 30, 0, 65_535)?),
+            reconnect_min: env.millis(ENV_MQTT_RECONNECT_MIN_MS, Duration::from_millis(250))?,
+            reconnect_max: env.millis(ENV_MQTT_RECONNECT_MAX_MS, Duration::from_secs(5))?,
             username,
             password,
             tls,
@@ -642,28 +648,32 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::config::{ENV_MQTT_BROKER, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_SERVICE_NAME};
 
     #[test]
     fn broker_settings_from_env() {
-        let env: HashMap<&str, &str> =
-            [("MQTT_BROKER", "mosquitto"), ("SERVICE_NAME", "proxy1-1")].into();
+        let env: HashMap<&str, &str> = [
+            (ENV_MQTT_BROKER, "mosquitto"),
+            (ENV_SERVICE_NAME, "proxy1-1"),
+        ]
+        .into();
         let cfg = MqttConfig::from_env(&Env::new(&env), "x").unwrap();
         assert_eq!(cfg.address(), "mqtt://mosquitto:1883");
         assert_eq!(cfg.client_id, "proxy1-1");
-        let env: HashMap<&str, &str> = [("MQTT_HOST", "a"), ("MQTT_BROKER", "b")].into();
+        let env: HashMap<&str, &str> = [(ENV_MQTT_HOST, "a"), (ENV_MQTT_BROKER, "b")].into();
         assert_eq!(
             MqttConfig::from_env(&Env::new(&env), "x").unwrap().host,
             "a"
         );
-        let env: HashMap<&str, &str> = [("MQTT_HOST", "mqtt://a:1")].into();
+        let env: HashMap<&str, &str> = [(ENV_MQTT_HOST, "mqtt://a:1")].into();
         assert_eq!(
             MqttConfig::from_env(&Env::new(&env), "x").unwrap_err().var,
-            "MQTT_HOST"
+            ENV_MQTT_HOST
         );
-        let env: HashMap<&str, &str> = [("MQTT_PORT", "0")].into();
+        let env: HashMap<&str, &str> = [(ENV_MQTT_PORT, "0")].into();
         assert_eq!(
             MqttConfig::from_env(&Env::new(&env), "x").unwrap_err().var,
-            "MQTT_PORT"
+            ENV_MQTT_PORT
         );
     }
 }

@@ -48,7 +48,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::config::{ConfigError, Env, MAX_DURATION};
+use crate::config::{
+    ConfigError, ENV_BODY_BUDGET_WAIT_MS, ENV_BODY_READ_TIMEOUT_MS, ENV_FIRST_BYTES_TIMEOUT_MS,
+    ENV_HEADER_READ_TIMEOUT_MS, ENV_HTTP2_KEEPALIVE_INTERVAL_MS, ENV_HTTP2_KEEPALIVE_TIMEOUT_MS,
+    ENV_IDLE_TIMEOUT_MS, ENV_MAX_CONNECTIONS, Env, MAX_DURATION,
+};
 
 /// Which protocols a server speaks on its port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,21 +117,21 @@ impl Limits {
         let positive =
             |var: &str, default: Duration| env.millis_in(var, default, ms(1), MAX_DURATION);
         let interval = env.millis_in(
-            "HTTP2_KEEPALIVE_INTERVAL_MS",
+            ENV_HTTP2_KEEPALIVE_INTERVAL_MS,
             d.h2_keepalive_interval.unwrap_or_default(),
             Duration::ZERO,
             MAX_DURATION,
         )?;
         Ok(Self {
-            max_connections: env.number("MAX_CONNECTIONS", d.max_connections, 1, 1 << 20)?,
-            first_bytes_timeout: positive("FIRST_BYTES_TIMEOUT_MS", d.first_bytes_timeout)?,
-            header_read_timeout: positive("HEADER_READ_TIMEOUT_MS", d.header_read_timeout)?,
-            body_read_timeout: positive("BODY_READ_TIMEOUT_MS", d.body_read_timeout)?,
-            idle_timeout: positive("IDLE_TIMEOUT_MS", d.idle_timeout)?,
+            max_connections: env.number(ENV_MAX_CONNECTIONS, d.max_connections, 1, 1 << 20)?,
+            first_bytes_timeout: positive(ENV_FIRST_BYTES_TIMEOUT_MS, d.first_bytes_timeout)?,
+            header_read_timeout: positive(ENV_HEADER_READ_TIMEOUT_MS, d.header_read_timeout)?,
+            body_read_timeout: positive(ENV_BODY_READ_TIMEOUT_MS, d.body_read_timeout)?,
+            idle_timeout: positive(ENV_IDLE_TIMEOUT_MS, d.idle_timeout)?,
             h2_keepalive_interval: (!interval.is_zero()).then_some(interval),
-            h2_keepalive_timeout: positive("HTTP2_KEEPALIVE_TIMEOUT_MS", d.h2_keepalive_timeout)?,
+            h2_keepalive_timeout: positive(ENV_HTTP2_KEEPALIVE_TIMEOUT_MS, d.h2_keepalive_timeout)?,
             body_budget_wait: env.millis_in(
-                "BODY_BUDGET_WAIT_MS",
+                ENV_BODY_BUDGET_WAIT_MS,
                 d.body_budget_wait,
                 Duration::ZERO,
                 MAX_DURATION,
@@ -753,6 +757,9 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{
+        ENV_HTTP2_KEEPALIVE_INTERVAL_MS, ENV_IDLE_TIMEOUT_MS, ENV_MAX_CONNECTIONS,
+    };
     use std::collections::HashMap;
 
     #[test]
@@ -763,9 +770,9 @@ mod tests {
             Limits::default()
         );
         let env: HashMap<&str, &str> = [
-            ("HTTP2_KEEPALIVE_INTERVAL_MS", "0"),
-            ("IDLE_TIMEOUT_MS", "1500"),
-            ("MAX_CONNECTIONS", "10"),
+            (ENV_HTTP2_KEEPALIVE_INTERVAL_MS, "0"),
+            (ENV_IDLE_TIMEOUT_MS, "1500"),
+            (ENV_MAX_CONNECTIONS, "10"),
         ]
         .into();
         let limits = Limits::from_env(&Env::new(&env)).unwrap();

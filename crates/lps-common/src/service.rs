@@ -31,7 +31,7 @@ use crate::telemetry::{self, TelemetryConfig};
 pub const HEALTHCHECK_ARG: &str = "healthcheck";
 
 /// The path probed when `healthcheck` names none.
-pub const HEALTHCHECK_PATH: &str = "/healthz";
+pub const HEALTHCHECK_PATH: &str = crate::wire::HEALTHZ_PATH;
 
 /// How long a probe may take in all (connect, send, first line of the answer).
 pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -221,6 +221,7 @@ pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{HEALTHZ_PATH, READYZ_PATH};
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
@@ -230,11 +231,11 @@ mod tests {
     fn healthcheck_argument_selects_the_probe() {
         assert_eq!(
             healthcheck_path(args(&["ars-comp-1", "healthcheck"])).as_deref(),
-            Some("/healthz")
+            Some(HEALTHZ_PATH)
         );
         assert_eq!(
-            healthcheck_path(args(&["legacy-proxy-2", "healthcheck", "/readyz"])).as_deref(),
-            Some("/readyz")
+            healthcheck_path(args(&["legacy-proxy-2", "healthcheck", READYZ_PATH])).as_deref(),
+            Some(READYZ_PATH)
         );
         assert_eq!(healthcheck_path(args(&["ars-comp-1"])), None);
         // `lps service ars-comp-1` reaches `main` too; it must still serve.

@@ -7,11 +7,10 @@
 use std::path::PathBuf;
 
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::{ConfigError, Env};
+use crate::config::{ConfigError, ENV_LOG, ENV_LOG_DIR, ENV_LOG_FORMAT, ENV_SERVICE_NAME, Env};
 
 /// Output format of log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,28 +37,28 @@ pub struct TelemetryConfig {
 impl TelemetryConfig {
     /// Reads the logging settings; `default_name` applies when `SERVICE_NAME` is unset.
     pub fn from_env(env: &Env<'_>, default_name: &str) -> Result<Self, ConfigError> {
-        let filter = env.string("LOG", "info");
+        let filter = env.string(ENV_LOG, "info");
         if EnvFilter::try_new(&filter).is_err() {
             return Err(ConfigError::new(
-                "LOG",
+                ENV_LOG,
                 &filter,
                 "a tracing filter such as info, debug or info,lps_common=debug",
             ));
         }
         let format = match env
-            .string("LOG_FORMAT", "plain")
+            .string(ENV_LOG_FORMAT, "plain")
             .to_ascii_lowercase()
             .as_str()
         {
             "plain" | "text" => LogFormat::Plain,
             "json" => LogFormat::Json,
-            other => return Err(ConfigError::new("LOG_FORMAT", other, "plain or json")),
+            other => return Err(ConfigError::new(ENV_LOG_FORMAT, other, "plain or json")),
         };
         Ok(Self {
-            service_name: env.string("SERVICE_NAME", default_name),
+            service_name: env.string(ENV_SERVICE_NAME, default_name),
             filter,
             format,
-            dir: PathBuf::from(env.string("LOG_DIR", "logs")),
+            dir: PathBuf::from(env.string(ENV_LOG_DIR, "logs")),
         })
     }
 }

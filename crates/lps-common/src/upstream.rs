@@ -33,7 +33,10 @@ use tracing::{debug, warn};
 use url::Url;
 
 use crate::api::{self, ApiError};
-use crate::config::{ConfigError, Env, MAX_DURATION};
+use crate::config::{
+    ConfigError, ENV_CONNECT_TIMEOUT_MS, ENV_REQUEST_TIMEOUT_SECS, ENV_SKIP_DNS_CACHE,
+    ENV_TARGET_COOLDOWN_MS, ENV_TARGET_URL, ENV_USE_HTTP_2, Env, MAX_DURATION,
+};
 use crate::dns::{CacheResolver, DnsCache, HickoryLookup, NameLookup};
 use crate::request_id::{REQUEST_ID, RequestId};
 use crate::wire::LegacyMessage;
@@ -62,23 +65,23 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     /// Reads the client settings; `default_target` applies when `TARGET_URL` is unset.
     pub fn from_env(env: &Env<'_>, default_target: &str) -> Result<Self, ConfigError> {
-        let raw = env.string("TARGET_URL", default_target);
+        let raw = env.string(ENV_TARGET_URL, default_target);
         Ok(Self {
             targets: parse_targets(&raw)?,
-            http2: env.flag("USE_HTTP_2", false)?,
-            skip_dns_cache: env.flag("SKIP_DNS_CACHE", false)?,
+            http2: env.flag(ENV_USE_HTTP_2, false)?,
+            skip_dns_cache: env.flag(ENV_SKIP_DNS_CACHE, false)?,
             connect_timeout: env.millis_in(
-                "CONNECT_TIMEOUT_MS",
+                ENV_CONNECT_TIMEOUT_MS,
                 Duration::from_secs(2),
                 Duration::from_millis(1),
                 MAX_DURATION,
             )?,
             request_timeout: positive_seconds(
                 env,
-                "REQUEST_TIMEOUT_SECS",
+                ENV_REQUEST_TIMEOUT_SECS,
                 Duration::from_secs(60),
             )?,
-            cooldown: env.millis("TARGET_COOLDOWN_MS", Duration::from_secs(2))?,
+            cooldown: env.millis(ENV_TARGET_COOLDOWN_MS, Duration::from_secs(2))?,
         })
     }
 
@@ -122,11 +125,11 @@ pub fn parse_targets(raw: &str) -> Result<Vec<Url>, ConfigError> {
             Url::parse(s)
                 .ok()
                 .filter(|u| u.scheme() == "http" && u.host_str().is_some())
-                .ok_or_else(|| ConfigError::new("TARGET_URL", raw, expected))
+                .ok_or_else(|| ConfigError::new(ENV_TARGET_URL, raw, expected))
         })
         .collect::<Result<Vec<_>, _>>()?;
     if targets.is_empty() {
-        return Err(ConfigError::new("TARGET_URL", raw, expected));
+        return Err(ConfigError::new(ENV_TARGET_URL, raw, expected));
     }
     Ok(targets)
 }
@@ -591,6 +594,7 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ENV_TARGET_URL;
 
     #[test]
     fn targets_parse_and_reject() {
@@ -599,7 +603,7 @@ mod tests {
         assert_eq!(t[1].host_str(), Some("b"));
         for bad in ["", "a:1", "https://a/x", "ftp://a/x", ","] {
             let err = parse_targets(bad).unwrap_err();
-            assert_eq!(err.var, "TARGET_URL", "{bad}");
+            assert_eq!(err.var, ENV_TARGET_URL, "{bad}");
         }
     }
 

@@ -8,6 +8,15 @@ pub const STORE_COMMAND: &str = "ID_REQ_KC_STORE7D3BPACKET";
 /// The path every relay and bridge serves and forwards to.
 pub const STORE_PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
 
+/// Liveness: 200 while the process serves (every service).
+pub const HEALTHZ_PATH: &str = "/healthz";
+
+/// Readiness: 200 once a bridge can do its work, 503 before (the bridges).
+pub const READYZ_PATH: &str = "/readyz";
+
+/// The Prometheus text exposition (every service).
+pub const METRICS_PATH: &str = "/metrics";
+
 /// The body of a successful relay answer, as upstream.
 pub const SUCCESS_BODY: &str =
     r#"{"status":"success","message":"Data published to Legacy System"}"#;
@@ -44,6 +53,9 @@ pub const PROBE_TOPIC: &str = "lps/probe/request";
 /// MQTT v5 user property carrying the earliest time (Unix milliseconds) a retried message
 /// may be attempted again.
 pub const NOT_BEFORE_PROPERTY: &str = "not-before";
+
+/// MQTT v5 user property on a retried message: why its last attempt failed.
+pub const LAST_ERROR_PROPERTY: &str = "last-error";
 
 /// MQTT v5 user property naming the topic a dead letter (or a retry) came from.
 pub const SOURCE_TOPIC_PROPERTY: &str = "source-topic";

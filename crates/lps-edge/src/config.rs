@@ -7,7 +7,14 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
-use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::config::{
+    ConfigError, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_AUTH, ENV_PROXY_AUTH_FILE,
+    ENV_PROXY_CONNECT_TIMEOUT_MS, ENV_PROXY_ENABLED, ENV_PROXY_HOST, ENV_PROXY_IDLE_TIMEOUT_MS,
+    ENV_PROXY_MAX_CONNECTIONS, ENV_PROXY_PORT, ENV_PROXY_RESPONSE_TIMEOUT_MS, ENV_REUSE_PORT,
+    ENV_WS_BROKER_CONNECT_TIMEOUT_MS, ENV_WS_ENABLED, ENV_WS_FLUSH_THRESHOLD_BYTES,
+    ENV_WS_MAX_CONNECTIONS, ENV_WS_MAX_MESSAGE_BYTES, ENV_WS_PATH, ENV_WS_SMALL_PACKET_BYTES, Env,
+    Lookup, ServerConfig,
+};
 use lps_common::mqtt::MqttConfig;
 use lps_common::telemetry::TelemetryConfig;
 
@@ -170,19 +177,19 @@ impl Config {
     pub fn from_lookup(lookup: &dyn Lookup) -> Result<Self, ConfigError> {
         let env = Env::new(lookup);
         let server = ServerConfig::from_env(&env, DEFAULT_HTTP_PORT)?;
-        let ws = if env.flag("WS_ENABLED", true)? {
+        let ws = if env.flag(ENV_WS_ENABLED, true)? {
             Some(WsConfig::from_env(&env)?)
         } else {
             None
         };
-        let proxy = if env.flag("PROXY_ENABLED", true)? {
+        let proxy = if env.flag(ENV_PROXY_ENABLED, true)? {
             Some(ProxyConfig::from_env(&env, server.host)?)
         } else {
             None
         };
         Ok(Self {
             telemetry: TelemetryConfig::from_env(&env, "lps-edge")?,
-            reuse_port: env.flag("REUSE_PORT", true)?,
+            reuse_port: env.flag(ENV_REUSE_PORT, true)?,
             server,
             ws,
             proxy,
@@ -192,10 +199,10 @@ impl Config {
 
 impl WsConfig {
     fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
-        let path = env.string("WS_PATH", DEFAULT_WS_PATH);
+        let path = env.string(ENV_WS_PATH, DEFAULT_WS_PATH);
         if !path.starts_with('/') || path.contains(['?', '#', ' ', '{', '}', '*']) {
             return Err(ConfigError::new(
-                "WS_PATH",
+                ENV_WS_PATH,
                 &path,
                 "a URL path starting with / such as /mqtt",
             ));
@@ -205,12 +212,12 @@ impl WsConfig {
             path,
             broker_host: mqtt.host,
             broker_port: mqtt.port,
-            max_connections: env.number("WS_MAX_CONNECTIONS", 4096, 1, 1 << 20)?,
-            max_message_bytes: env.number("WS_MAX_MESSAGE_BYTES", 1 << 20, 128, 256 << 20)?,
-            flush_threshold: env.number("WS_FLUSH_THRESHOLD_BYTES", 128 << 10, 1, 16 << 20)?,
-            small_packet: env.number("WS_SMALL_PACKET_BYTES", 100, 0, 1 << 20)?,
+            max_connections: env.number(ENV_WS_MAX_CONNECTIONS, 4096, 1, 1 << 20)?,
+            max_message_bytes: env.number(ENV_WS_MAX_MESSAGE_BYTES, 1 << 20, 128, 256 << 20)?,
+            flush_threshold: env.number(ENV_WS_FLUSH_THRESHOLD_BYTES, 128 << 10, 1, 16 << 20)?,
+            small_packet: env.number(ENV_WS_SMALL_PACKET_BYTES, 100, 0, 1 << 20)?,
             broker_connect_timeout: env.millis_in(
-                "WS_BROKER_CONNECT_TIMEOUT_MS",
+                ENV_WS_BROKER_CONNECT_TIMEOUT_MS,
                 Duration::from_secs(5),
                 Duration::from_millis(1),
                 Duration::from_secs(600),
@@ -222,31 +229,31 @@ impl WsConfig {
 impl ProxyConfig {
     fn from_env(env: &Env<'_>, default_host: IpAddr) -> Result<Self, ConfigError> {
         let host = env.parse(
-            "PROXY_HOST",
+            ENV_PROXY_HOST,
             default_host,
             "an IP address such as 0.0.0.0, 127.0.0.1 or ::",
         )?;
-        let port = env.number("PROXY_PORT", DEFAULT_PROXY_PORT, 0, u16::MAX)?;
-        let ports = env.string("PROXY_ALLOWED_PORTS", DEFAULT_ALLOWED_PORTS);
+        let port = env.number(ENV_PROXY_PORT, DEFAULT_PROXY_PORT, 0, u16::MAX)?;
+        let ports = env.string(ENV_PROXY_ALLOWED_PORTS, DEFAULT_ALLOWED_PORTS);
         let allowed_ports = PortSet::parse(&ports).ok_or_else(|| {
             ConfigError::new(
-                "PROXY_ALLOWED_PORTS",
+                ENV_PROXY_ALLOWED_PORTS,
                 &ports,
                 "a comma-separated list of ports 1-65535 and ranges such as 80,443,8080-8084",
             )
         })?;
         let mut pairs = BTreeSet::new();
-        if let Some(pair) = env.raw("PROXY_AUTH") {
+        if let Some(pair) = env.raw(ENV_PROXY_AUTH) {
             if !is_pair(&pair) {
                 // The value is a secret: name the form, not the value.
-                return Err(ConfigError::new("PROXY_AUTH", "<hidden>", PAIR));
+                return Err(ConfigError::new(ENV_PROXY_AUTH, "<hidden>", PAIR));
             }
             pairs.insert(pair);
         }
-        if let Some(path) = env.raw("PROXY_AUTH_FILE") {
+        if let Some(path) = env.raw(ENV_PROXY_AUTH_FILE) {
             pairs.extend(
                 read_credentials(Path::new(&path))
-                    .map_err(|expected| ConfigError::new("PROXY_AUTH_FILE", &path, expected))?,
+                    .map_err(|expected| ConfigError::new(ENV_PROXY_AUTH_FILE, &path, expected))?,
             );
         }
         let ms = Duration::from_millis;
@@ -256,10 +263,10 @@ impl ProxyConfig {
             addr: SocketAddr::new(host, port),
             allowed_ports,
             credentials: (!pairs.is_empty()).then_some(Credentials(pairs)),
-            max_connections: env.number("PROXY_MAX_CONNECTIONS", 4096, 1, 1 << 20)?,
-            connect_timeout: timeout("PROXY_CONNECT_TIMEOUT_MS", ms(5000))?,
-            response_timeout: timeout("PROXY_RESPONSE_TIMEOUT_MS", ms(60_000))?,
-            idle_timeout: timeout("PROXY_IDLE_TIMEOUT_MS", ms(60_000))?,
+            max_connections: env.number(ENV_PROXY_MAX_CONNECTIONS, 4096, 1, 1 << 20)?,
+            connect_timeout: timeout(ENV_PROXY_CONNECT_TIMEOUT_MS, ms(5000))?,
+            response_timeout: timeout(ENV_PROXY_RESPONSE_TIMEOUT_MS, ms(60_000))?,
+            idle_timeout: timeout(ENV_PROXY_IDLE_TIMEOUT_MS, ms(60_000))?,
         })
     }
 }
@@ -288,6 +295,11 @@ fn read_credentials(path: &Path) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lps_common::config::{
+        ENV_MQTT_PORT, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_AUTH, ENV_PROXY_AUTH_FILE,
+        ENV_PROXY_CONNECT_TIMEOUT_MS, ENV_PROXY_ENABLED, ENV_PROXY_PORT, ENV_REUSE_PORT,
+        ENV_WS_ENABLED, ENV_WS_FLUSH_THRESHOLD_BYTES, ENV_WS_PATH,
+    };
     use std::collections::HashMap;
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -323,23 +335,23 @@ mod tests {
 
     #[test]
     fn listeners_switch_off() {
-        let c = config(&[("WS_ENABLED", "false"), ("PROXY_ENABLED", "0")]).unwrap();
+        let c = config(&[(ENV_WS_ENABLED, "false"), (ENV_PROXY_ENABLED, "0")]).unwrap();
         assert!(c.ws.is_none() && c.proxy.is_none());
     }
 
     #[test]
     fn bad_values_name_the_variable_and_the_form() {
         for (var, value) in [
-            ("PROXY_PORT", "70000"),
-            ("PROXY_ALLOWED_PORTS", "80,0"),
-            ("PROXY_ALLOWED_PORTS", "90-80"),
-            ("PROXY_ALLOWED_PORTS", ""),
-            ("WS_PATH", "mqtt"),
-            ("WS_ENABLED", "maybe"),
-            ("WS_FLUSH_THRESHOLD_BYTES", "0"),
-            ("PROXY_CONNECT_TIMEOUT_MS", "0"),
-            ("MQTT_PORT", "0"),
-            ("REUSE_PORT", "2"),
+            (ENV_PROXY_PORT, "70000"),
+            (ENV_PROXY_ALLOWED_PORTS, "80,0"),
+            (ENV_PROXY_ALLOWED_PORTS, "90-80"),
+            (ENV_PROXY_ALLOWED_PORTS, ""),
+            (ENV_WS_PATH, "mqtt"),
+            (ENV_WS_ENABLED, "maybe"),
+            (ENV_WS_FLUSH_THRESHOLD_BYTES, "0"),
+            (ENV_PROXY_CONNECT_TIMEOUT_MS, "0"),
+            (ENV_MQTT_PORT, "0"),
+            (ENV_REUSE_PORT, "2"),
         ] {
             if value.is_empty() {
                 // Blank means unset: the default applies.
@@ -358,8 +370,8 @@ mod tests {
         let file = dir.path().join("users");
         std::fs::write(&file, "# users\nalice:s3cret\n\nbob:pa:ss\n").unwrap();
         let c = config(&[
-            ("PROXY_AUTH", "carol:x"),
-            ("PROXY_AUTH_FILE", file.to_str().unwrap()),
+            (ENV_PROXY_AUTH, "carol:x"),
+            (ENV_PROXY_AUTH_FILE, file.to_str().unwrap()),
         ])
         .unwrap();
         let creds = c.proxy.unwrap().credentials.unwrap();
@@ -369,13 +381,13 @@ mod tests {
         assert!(!creds.accepts("alice:wrong"));
         assert_eq!(format!("{creds:?}"), "Credentials(3 users)");
 
-        let err = config(&[("PROXY_AUTH", "nocolon")]).unwrap_err();
+        let err = config(&[(ENV_PROXY_AUTH, "nocolon")]).unwrap_err();
         assert!(!err.to_string().contains("nocolon"), "{err}");
         std::fs::write(&file, "alice\n").unwrap();
-        let err = config(&[("PROXY_AUTH_FILE", file.to_str().unwrap())]).unwrap_err();
+        let err = config(&[(ENV_PROXY_AUTH_FILE, file.to_str().unwrap())]).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
-        let err = config(&[("PROXY_AUTH_FILE", "/nonexistent/users")]).unwrap_err();
-        assert_eq!(err.var, "PROXY_AUTH_FILE");
+        let err = config(&[(ENV_PROXY_AUTH_FILE, "/nonexistent/users")]).unwrap_err();
+        assert_eq!(err.var, ENV_PROXY_AUTH_FILE);
     }
 
     #[test]

@@ -29,8 +29,8 @@ pub trait Broker {
     /// `MQTT_HOST`/`MQTT_PORT` for a client of this broker.
     fn env(&self) -> [(&'static str, String); 2] {
         [
-            ("MQTT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_PORT", self.port().to_string()),
+            (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+            (ENV_MQTT_PORT, self.port().to_string()),
         ]
     }
 }
@@ -47,6 +47,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version};
+use lps_common::config::{
+    ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_LOG_FORMAT, ENV_MQTT_HOST, ENV_MQTT_PORT,
+};
 use lps_common::server::{self, Protocols};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -349,10 +352,10 @@ impl ChildService {
         command
             .args(args)
             .env_clear()
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", "0")
-            .env("LOG_DIR", dir)
-            .env("LOG_FORMAT", "json")
+            .env(ENV_HTTP_HOST, "127.0.0.1")
+            .env(ENV_HTTP_PORT, "0")
+            .env(ENV_LOG_DIR, dir)
+            .env(ENV_LOG_FORMAT, "json")
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

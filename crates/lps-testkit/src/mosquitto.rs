@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use lps_common::config::{ENV_MQTT_HOST, ENV_MQTT_PORT};
 use tokio::process::{Child, Command};
 
 /// A Mosquitto process; killed when dropped.
@@ -120,8 +121,8 @@ impl Mosquitto {
     /// `MQTT_HOST`/`MQTT_PORT` for a client of this broker.
     pub fn env(&self) -> [(&'static str, String); 2] {
         [
-            ("MQTT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_PORT", self.port.to_string()),
+            (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+            (ENV_MQTT_PORT, self.port.to_string()),
         ]
     }
 

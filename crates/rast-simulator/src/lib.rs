@@ -27,7 +27,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use lps_common::api::Body;
-use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
+use lps_common::config::{
+    ConfigError, ENV_LOG_DIR, ENV_SIM_CORR_MAX, ENV_SIM_MODEL, ENV_SIM_SERVICE_MS, ENV_SIM_WORKERS,
+    Env, Lookup, ServerConfig,
+};
 use lps_common::request_id::REQUEST_ID;
 use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
@@ -50,21 +53,21 @@ pub struct Args {
     /// Processing-time model: `0` (upstream's regression, gets faster under load), `fixed`
     /// or `exp` (service time with a worker limit, for overload experiments), `zero` (no
     /// delay, for benchmarks).
-    #[arg(short = 'm', long, env = "SIM_MODEL", default_value = "0")]
+    #[arg(short = 'm', long, env = ENV_SIM_MODEL, default_value = "0")]
     pub model: String,
     /// Model 0: re-predict the processing time up to N times as other requests finish.
     #[arg(
         short = 'c',
         long = "corr-max",
-        env = "SIM_CORR_MAX",
+        env = ENV_SIM_CORR_MAX,
         default_value_t = 0
     )]
     pub corr_max: u32,
     /// `fixed`/`exp`: requests served at once; the rest queue.
-    #[arg(long, env = "SIM_WORKERS", default_value_t = 4)]
+    #[arg(long, env = ENV_SIM_WORKERS, default_value_t = 4)]
     pub workers: usize,
     /// `fixed`/`exp`: service time (the mean for `exp`), milliseconds.
-    #[arg(long = "service-ms", env = "SIM_SERVICE_MS", default_value_t = 35.0)]
+    #[arg(long = "service-ms", env = ENV_SIM_SERVICE_MS, default_value_t = 35.0)]
     pub service_ms: f64,
 }
 
@@ -130,7 +133,7 @@ impl Config {
         Ok(Self {
             server: ServerConfig::from_env(&env, 1337)?,
             telemetry: TelemetryConfig::from_env(&env, "ars-comp-3")?,
-            journal_dir: PathBuf::from(env.string("LOG_DIR", ".")),
+            journal_dir: PathBuf::from(env.string(ENV_LOG_DIR, ".")),
             model: args.model()?,
         })
     }

@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use ars_comp_1::SIMPLE_PATH;
 use http::StatusCode;
+use lps_common::config::{ENV_LOG_DIR, ENV_MAX_BODY_BYTES, ENV_TARGET_URL, ENV_USE_HTTP_2};
+use lps_common::wire::{METRICS_PATH, STORE_PATH};
 use lps_testkit::{Recorder, TestServer, eventually, http1_client};
 use rast_simulator::journal;
 use serde_json::json;
@@ -13,14 +16,14 @@ const LIMIT: &str = "1048576";
 
 /// ars-comp-1 (sending h2c) → ars-comp-2 → `backend`, each through its own `serve`.
 async fn chain(backend: &str) -> (TestServer, TestServer) {
-    let env = HashMap::from([("TARGET_URL", backend), ("MAX_BODY_BYTES", LIMIT)]);
+    let env = HashMap::from([(ENV_TARGET_URL, backend), (ENV_MAX_BODY_BYTES, LIMIT)]);
     let config = ars_comp_2::Config::from_lookup(&env).unwrap();
     let ac2 = TestServer::serve(|l, s| ars_comp_2::serve(config, l, s)).await;
-    let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = ac2.url(STORE_PATH);
     let env = HashMap::from([
-        ("TARGET_URL", target.as_str()),
-        ("USE_HTTP_2", "true"),
-        ("MAX_BODY_BYTES", LIMIT),
+        (ENV_TARGET_URL, target.as_str()),
+        (ENV_USE_HTTP_2, "true"),
+        (ENV_MAX_BODY_BYTES, LIMIT),
     ]);
     let config = ars_comp_1::Config::from_lookup(&env).unwrap();
     let ac1 = TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await;
@@ -36,8 +39,8 @@ fn alarm(branch: u32) -> String {
 async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
     let dir = tempfile::tempdir().unwrap();
     let env = HashMap::from([
-        ("LOG_DIR", dir.path().to_str().unwrap()),
-        ("MAX_BODY_BYTES", LIMIT),
+        (ENV_LOG_DIR, dir.path().to_str().unwrap()),
+        (ENV_MAX_BODY_BYTES, LIMIT),
     ]);
     let args = rast_simulator::Args {
         model: "0".to_owned(),
@@ -47,7 +50,7 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
     };
     let config = rast_simulator::Config::new(&env, &args).unwrap();
     let sim_server = TestServer::serve(|l, s| rast_simulator::serve(config, l, s)).await;
-    let (ac1, ac2) = chain(&sim_server.url("/ID_REQ_KC_STORE7D3BPACKET")).await;
+    let (ac1, ac2) = chain(&sim_server.url(STORE_PATH)).await;
     let client = http1_client();
     let ids: Vec<String> = (0..20)
         .map(|i| {
@@ -59,7 +62,7 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
         .collect();
     for (i, id) in ids.iter().enumerate() {
         let response = client
-            .post(ac1.url("/api/v1/simple"))
+            .post(ac1.url(SIMPLE_PATH))
             .header("Request-Id", id)
             .body(alarm(2001 + u32::try_from(i).unwrap() % 10))
             .send()
@@ -71,7 +74,7 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
 
     // ars-comp-2 was reached over h2c.
     let metrics = client
-        .get(ac2.url("/metrics"))
+        .get(ac2.url(METRICS_PATH))
         .send()
         .await
         .unwrap()
@@ -79,7 +82,9 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"http_requests_total{route="/ID_REQ_KC_STORE7D3BPACKET",status="200",version="HTTP/2.0"} 20"#),
+        metrics.contains(
+            r#"http_requests_total{route="/ID_REQ_KC_STORE7D3BPACKET",status="200",version="HTTP/2.0"} 20"#
+        ),
         "{metrics}"
     );
     // The simulator was reached over HTTP/1.1, once per id, with the id as its UID.
@@ -128,9 +133,9 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
 async fn the_last_hop_gets_one_json_object_with_the_request_id() {
     let backend = Recorder::new();
     let backend_server = TestServer::start(backend.router()).await;
-    let (ac1, _ac2) = chain(&backend_server.url("/ID_REQ_KC_STORE7D3BPACKET")).await;
+    let (ac1, _ac2) = chain(&backend_server.url(STORE_PATH)).await;
     let response = http1_client()
-        .post(ac1.url("/api/v1/simple?Phone=016590943333&Branch=2012&Headnumber=8023&TriggerTime=2025-01-31T12%3A00%3A00"))
+        .post(ac1.url(&format!("{SIMPLE_PATH}?Phone=016590943333&Branch=2012&Headnumber=8023&TriggerTime=2025-01-31T12%3A00%3A00")))
         .header("Request-Id", "77")
         .send()
         .await

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use ars_comp_1::SIMPLE_PATH;
 use http::StatusCode;
+use lps_common::config::{ENV_MAX_BODY_BYTES, ENV_TARGET_URL, ENV_USE_HTTP_2};
+use lps_common::wire::STORE_PATH;
 use lps_testkit::{Recorder, TestServer, http1_client};
 use serde_json::{Value, json};
 
@@ -13,9 +16,9 @@ const BODY_LIMIT: usize = 64 * 1024;
 async fn entry(target: &str, http2: bool) -> TestServer {
     let limit = BODY_LIMIT.to_string();
     let env = HashMap::from([
-        ("TARGET_URL", target),
-        ("USE_HTTP_2", if http2 { "true" } else { "false" }),
-        ("MAX_BODY_BYTES", limit.as_str()),
+        (ENV_TARGET_URL, target),
+        (ENV_USE_HTTP_2, if http2 { "true" } else { "false" }),
+        (ENV_MAX_BODY_BYTES, limit.as_str()),
     ]);
     let config = ars_comp_1::Config::from_lookup(&env).unwrap();
     TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await
@@ -29,10 +32,10 @@ fn alarm() -> Value {
 async fn json_body_and_query_parameters_both_forward_the_same_message() {
     let recorder = Recorder::new();
     let next = TestServer::start(recorder.router()).await;
-    let ac1 = entry(&next.url("/ID_REQ_KC_STORE7D3BPACKET"), true).await;
+    let ac1 = entry(&next.url(STORE_PATH), true).await;
     let client = http1_client();
     let by_body = client
-        .post(ac1.url("/api/v1/simple"))
+        .post(ac1.url(SIMPLE_PATH))
         .header("Request-Id", "1001")
         .body(alarm().to_string())
         .send()
@@ -46,9 +49,9 @@ async fn json_body_and_query_parameters_both_forward_the_same_message() {
         json!({"status": "success", "message": "Data published to Legacy System"})
     );
     let by_query = client
-        .post(ac1.url(
-            "/api/v1/simple?Phone=015142611148&Branch=2001&Headnumber=8023&TriggerTime=2025-01-31T12%3A00%3A00Z",
-        ))
+        .post(ac1.url(&format!(
+            "{SIMPLE_PATH}?Phone=015142611148&Branch=2001&Headnumber=8023&TriggerTime=2025-01-31T12%3A00%3A00Z",
+        )))
         .header("Request-Id", "1002")
         .send()
         .await
@@ -62,7 +65,7 @@ async fn json_body_and_query_parameters_both_forward_the_same_message() {
             http::Version::HTTP_2,
             "USE_HTTP_2 sends h2c"
         );
-        assert_eq!(request.path, "/ID_REQ_KC_STORE7D3BPACKET");
+        assert_eq!(request.path, STORE_PATH);
         assert_eq!(request.header("request-id"), Some(id));
         assert_eq!(
             request.json(),
@@ -77,7 +80,7 @@ async fn a_missing_request_id_is_generated() {
     let next = TestServer::start(recorder.router()).await;
     let ac1 = entry(&next.url("/x"), false).await;
     let response = http1_client()
-        .post(ac1.url("/api/v1/simple"))
+        .post(ac1.url(SIMPLE_PATH))
         .body(alarm().to_string())
         .send()
         .await
@@ -105,7 +108,7 @@ async fn bad_input_gets_a_json_4xx_naming_the_problem_and_the_service_keeps_serv
     let next = TestServer::start(recorder.router()).await;
     let ac1 = entry(&next.url("/x"), false).await;
     let client = http1_client();
-    let url = ac1.url("/api/v1/simple");
+    let url = ac1.url(SIMPLE_PATH);
     let mut wrong_type = alarm();
     wrong_type["branch"] = json!(2001);
     let mut missing = alarm();
@@ -209,7 +212,7 @@ async fn downstream_failures_are_reported_as_json_5xx() {
     let response = tokio::time::timeout(
         Duration::from_secs(10),
         http1_client()
-            .post(ac1.url("/api/v1/simple"))
+            .post(ac1.url(SIMPLE_PATH))
             .body(alarm().to_string())
             .send(),
     )
@@ -226,7 +229,7 @@ async fn downstream_failures_are_reported_as_json_5xx() {
     let next = TestServer::start(recorder.router()).await;
     let ac1 = entry(&next.url("/x"), false).await;
     let response = http1_client()
-        .post(ac1.url("/api/v1/simple"))
+        .post(ac1.url(SIMPLE_PATH))
         .body(alarm().to_string())
         .send()
         .await

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::StatusCode;
+use lps_common::config::{ENV_HTTP_PORT, ENV_SERVICE_NAME, ENV_TARGET_URL};
+use lps_common::wire::STORE_PATH;
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ars-comp-2");
@@ -13,7 +15,7 @@ async fn invalid_configuration_exits_64_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let output = tokio::process::Command::new(BINARY)
         .env_clear()
-        .env("HTTP_PORT", "http")
+        .env(ENV_HTTP_PORT, "http")
         .current_dir(dir.path())
         .output()
         .await
@@ -28,13 +30,13 @@ async fn invalid_configuration_exits_64_with_one_line() {
 
     let output = tokio::process::Command::new(BINARY)
         .env_clear()
-        .env("TARGET_URL", "localhost:1337")
+        .env(ENV_TARGET_URL, "localhost:1337")
         .current_dir(dir.path())
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("TARGET_URL"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(ENV_TARGET_URL));
 }
 
 #[tokio::test]
@@ -43,15 +45,18 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     backend.respond(200, Duration::from_millis(800));
     let backend_server = TestServer::start(backend.router()).await;
     let dir = tempfile::tempdir().unwrap();
-    let target = backend_server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = backend_server.url(STORE_PATH);
     let mut service = ChildService::start(
         Path::new(BINARY),
-        &[("TARGET_URL", &target), ("SERVICE_NAME", "ars-comp-2-test")],
+        &[
+            (ENV_TARGET_URL, &target),
+            (ENV_SERVICE_NAME, "ars-comp-2-test"),
+        ],
         dir.path(),
     )
     .await
     .unwrap();
-    let url = service.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let url = service.url(STORE_PATH);
     let in_flight = tokio::spawn(async move {
         http1_client()
             .post(url)

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 
 use http::StatusCode;
+use lps_common::config::{ENV_MAX_BODY_BYTES, ENV_TARGET_URL, ENV_USE_HTTP_2};
+use lps_common::wire::STORE_PATH;
 use lps_testkit::{Recorder, TestServer, h2c_client};
 use serde_json::{Value, json};
 
@@ -17,10 +19,10 @@ async fn relay(env: &[(&str, &str)]) -> TestServer {
 async fn forwards_over_http1_even_when_http2_is_asked_for() {
     let backend = Recorder::new();
     let server = TestServer::start(backend.router()).await;
-    let target = server.url("/ID_REQ_KC_STORE7D3BPACKET");
-    let ac2 = relay(&[("TARGET_URL", &target), ("USE_HTTP_2", "true")]).await;
+    let target = server.url(STORE_PATH);
+    let ac2 = relay(&[(ENV_TARGET_URL, &target), (ENV_USE_HTTP_2, "true")]).await;
     let response = h2c_client()
-        .post(ac2.url("/ID_REQ_KC_STORE7D3BPACKET"))
+        .post(ac2.url(STORE_PATH))
         .header("Request-Id", "123456789012345678901234567890123456789")
         .body(json!({"id": "070010", "body": "alarm", "extra": [1, 2]}).to_string())
         .send()
@@ -48,9 +50,9 @@ async fn forwards_over_http1_even_when_http2_is_asked_for() {
 async fn an_id_in_the_body_is_used_when_the_header_is_missing() {
     let backend = Recorder::new();
     let server = TestServer::start(backend.router()).await;
-    let ac2 = relay(&[("TARGET_URL", &server.url("/x"))]).await;
+    let ac2 = relay(&[(ENV_TARGET_URL, &server.url("/x"))]).await;
     let response = h2c_client()
-        .post(ac2.url("/ID_REQ_KC_STORE7D3BPACKET"))
+        .post(ac2.url(STORE_PATH))
         .body(json!({"id": "070010", "body": "alarm", "request_id": "55"}).to_string())
         .send()
         .await
@@ -64,8 +66,8 @@ async fn wrong_shapes_are_rejected_with_json_errors() {
     let backend = Recorder::new();
     let server = TestServer::start(backend.router()).await;
     let ac2 = relay(&[
-        ("TARGET_URL", &server.url("/x")),
-        ("MAX_BODY_BYTES", "1024"),
+        (ENV_TARGET_URL, &server.url("/x")),
+        (ENV_MAX_BODY_BYTES, "1024"),
     ])
     .await;
     let client = h2c_client();
@@ -92,7 +94,7 @@ async fn wrong_shapes_are_rejected_with_json_errors() {
         ),
     ] {
         let response = client
-            .post(ac2.url("/ID_REQ_KC_STORE7D3BPACKET"))
+            .post(ac2.url(STORE_PATH))
             .body(body)
             .send()
             .await

@@ -10,11 +10,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::StatusCode;
+use lps_common::config::{
+    ENV_MAX_PAYLOAD_BYTES, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECONNECT_MAX_MS,
+    ENV_SERVICE_NAME, ENV_SHUTDOWN_GRACE_SECS, ENV_SUBSCRIBER_PROBE, ENV_TARGET_URL,
+};
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
+use lps_common::wire::{METRICS_PATH, READYZ_PATH};
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
 
-const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
+const PATH: &str = lps_common::wire::STORE_PATH;
 
 /// legacy-proxy-1, in-process through its own `serve`.
 type Lp1 = TestServer;
@@ -22,10 +27,10 @@ type Lp1 = TestServer;
 async fn lp1(broker_port: u16, extra: &[(&str, &str)]) -> Lp1 {
     let port = broker_port.to_string();
     let mut env: HashMap<&str, &str> = [
-        ("MQTT_HOST", "127.0.0.1"),
-        ("MQTT_PORT", port.as_str()),
-        ("SERVICE_NAME", "proxy1-1"),
-        ("MQTT_RECONNECT_MAX_MS", "300"),
+        (ENV_MQTT_HOST, "127.0.0.1"),
+        (ENV_MQTT_PORT, port.as_str()),
+        (ENV_SERVICE_NAME, "proxy1-1"),
+        (ENV_MQTT_RECONNECT_MAX_MS, "300"),
     ]
     .into();
     env.extend(extra.iter().copied());
@@ -73,14 +78,14 @@ async fn post(url: &str, id: &str) -> reqwest::Response {
 }
 
 async fn wait_ready(server: &TestServer) {
-    restart::ready_within(&server.url("/readyz"), Duration::from_secs(20)).await;
+    restart::ready_within(&server.url(READYZ_PATH), Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_the_message_and_answers_after_the_handshake() {
     let broker = Mosquitto::start().await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
-    let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
+    let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
     wait_ready(&lp1).await;
     let response = post(&lp1.url(PATH), "4242").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -100,13 +105,17 @@ async fn publishes_the_message_and_answers_after_the_handshake() {
 async fn without_a_broker_it_answers_503_and_recovers_by_itself() {
     let mut broker = Mosquitto::start().await;
     broker.kill().await;
-    let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
+    let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
     let response = post(&lp1.url(PATH), "1").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
     let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(body["error"], "broker_unavailable");
-    let ready = http1_client().get(lp1.url("/readyz")).send().await.unwrap();
+    let ready = http1_client()
+        .get(lp1.url(READYZ_PATH))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     broker.restart().await;
     wait_ready(&lp1).await;
@@ -125,11 +134,11 @@ async fn requests_wait_for_a_subscriber_to_answer_the_probe() {
     let backend_server = TestServer::start(backend.router()).await;
     let port = broker.port.to_string();
     let env: HashMap<&str, String> = [
-        ("MQTT_HOST", "127.0.0.1".to_owned()),
-        ("MQTT_PORT", port),
-        ("SERVICE_NAME", "proxy2-1".to_owned()),
-        ("TARGET_URL", backend_server.url(PATH)),
-        ("SHUTDOWN_GRACE_SECS", "5".to_owned()),
+        (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+        (ENV_MQTT_PORT, port),
+        (ENV_SERVICE_NAME, "proxy2-1".to_owned()),
+        (ENV_TARGET_URL, backend_server.url(PATH)),
+        (ENV_SHUTDOWN_GRACE_SECS, "5".to_owned()),
     ]
     .into_iter()
     .collect();
@@ -158,7 +167,7 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
     // upstream's bridge answered 200 anyway and lost ~45 % of acknowledged requests.
     let broker = Mosquitto::start_with(&["max_inflight_messages 1"]).await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
-    let lp1 = lp1(broker.port, &[("SUBSCRIBER_PROBE", "false")]).await;
+    let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
     wait_ready(&lp1).await;
     let url = lp1.url(PATH);
     let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(1..=300)
@@ -199,7 +208,7 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
         "most requests get through a window of 1: {refused} refused"
     );
     let metrics = http1_client()
-        .get(lp1.url("/metrics"))
+        .get(lp1.url(METRICS_PATH))
         .send()
         .await
         .unwrap()
@@ -221,10 +230,10 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
     let mut service = ChildService::start(
         Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1")),
         &[
-            ("MQTT_HOST", "127.0.0.1"),
-            ("MQTT_PORT", &port),
-            ("SERVICE_NAME", "proxy1-1"),
-            ("SUBSCRIBER_PROBE", "false"),
+            (ENV_MQTT_HOST, "127.0.0.1"),
+            (ENV_MQTT_PORT, &port),
+            (ENV_SERVICE_NAME, "proxy1-1"),
+            (ENV_SUBSCRIBER_PROBE, "false"),
         ],
         dir.path(),
     )
@@ -232,7 +241,7 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
     .unwrap();
     let url = service.url(PATH);
     eventually("ready", Duration::from_secs(20), || {
-        let url = service.url("/readyz");
+        let url = service.url(READYZ_PATH);
         async move {
             http1_client()
                 .get(url)
@@ -298,7 +307,10 @@ async fn a_message_larger_than_legacy_proxy_2_forwards_is_answered_413() {
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(
         broker.port,
-        &[("SUBSCRIBER_PROBE", "false"), ("MAX_PAYLOAD_BYTES", "200")],
+        &[
+            (ENV_SUBSCRIBER_PROBE, "false"),
+            (ENV_MAX_PAYLOAD_BYTES, "200"),
+        ],
     )
     .await;
     wait_ready(&lp1).await;

@@ -8,12 +8,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use http::StatusCode;
+use lps_common::config::{
+    ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECEIVE_MAXIMUM, ENV_SERVICE_NAME,
+    ENV_SHUTDOWN_GRACE_SECS, ENV_TARGET_URL,
+};
 use lps_common::mqtt::mqtt5::{Message, MqttClient, QoS, SubscribeOptions};
-use lps_common::wire::PROBE_PROPERTY;
+use lps_common::wire::{PROBE_PROPERTY, READYZ_PATH};
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
 
-const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
+const PATH: &str = lps_common::wire::STORE_PATH;
 
 /// A subscriber that does not speak the probe, like upstream's legacy_proxy_2: a plain
 /// subscription to every traffic and retry topic. It records what it receives.
@@ -71,12 +75,12 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
     let backend_server = TestServer::start(backend.router()).await;
     let port = broker.port.to_string();
     let env: HashMap<String, String> = [
-        ("MQTT_HOST", "127.0.0.1".to_owned()),
-        ("MQTT_PORT", port.clone()),
-        ("SERVICE_NAME", "proxy2-1".to_owned()),
-        ("TARGET_URL", backend_server.url(PATH)),
-        ("MQTT_RECEIVE_MAXIMUM", "8".to_owned()),
-        ("SHUTDOWN_GRACE_SECS", "1".to_owned()),
+        (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+        (ENV_MQTT_PORT, port.clone()),
+        (ENV_SERVICE_NAME, "proxy2-1".to_owned()),
+        (ENV_TARGET_URL, backend_server.url(PATH)),
+        (ENV_MQTT_RECEIVE_MAXIMUM, "8".to_owned()),
+        (ENV_SHUTDOWN_GRACE_SECS, "1".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -87,14 +91,14 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let binary = Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1"));
     let lp1_env = [
-        ("MQTT_HOST", "127.0.0.1"),
-        ("MQTT_PORT", port.as_str()),
-        ("SERVICE_NAME", "proxy1-1"),
+        (ENV_MQTT_HOST, "127.0.0.1"),
+        (ENV_MQTT_PORT, port.as_str()),
+        (ENV_SERVICE_NAME, "proxy1-1"),
     ];
     let mut lp1 = ChildService::start(binary, &lp1_env, dir.path())
         .await
         .unwrap();
-    ready_within(&lp1.url("/readyz"), Duration::from_secs(20)).await;
+    ready_within(&lp1.url(READYZ_PATH), Duration::from_secs(20)).await;
     let url = lp1.url(PATH);
     let client = http1_client();
     let acknowledged = futures_util::stream::iter(0..3000)
@@ -125,7 +129,7 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
     let lp1 = ChildService::start(binary, &lp1_env, dir.path())
         .await
         .unwrap();
-    ready_within(&lp1.url("/readyz"), Duration::from_secs(5)).await;
+    ready_within(&lp1.url(READYZ_PATH), Duration::from_secs(5)).await;
     let took = restarted_at.elapsed();
     let status = http1_client()
         .post(lp1.url(PATH))

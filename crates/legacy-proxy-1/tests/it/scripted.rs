@@ -5,14 +5,19 @@
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use lps_common::config::{
+    ENV_MQTT_MAX_INFLIGHT, ENV_MQTT_QOS, ENV_MQTT_RECONNECT_MAX_MS, ENV_PUBLISH_TIMEOUT_MS,
+    ENV_SUBSCRIBER_PROBE,
+};
+use lps_common::wire::METRICS_PATH;
 use lps_testkit::http1_client;
 use lps_testkit::scripted::{Qos2, Script, ScriptedBroker};
 
 use super::{Lp1, PATH, lp1, post, wait_ready};
 
 const SETTINGS: [(&str, &str); 2] = [
-    ("SUBSCRIBER_PROBE", "false"),
-    ("MQTT_RECONNECT_MAX_MS", "300"),
+    (ENV_SUBSCRIBER_PROBE, "false"),
+    (ENV_MQTT_RECONNECT_MAX_MS, "300"),
 ];
 
 async fn start(script: Script, extra: &[(&str, &str)]) -> (ScriptedBroker, Lp1) {
@@ -38,7 +43,7 @@ async fn assert_unavailable(response: reqwest::Response) {
 /// absent).
 async fn publishes(lp1: &Lp1, outcome: &str) -> u64 {
     let text = http1_client()
-        .get(lp1.url("/metrics"))
+        .get(lp1.url(METRICS_PATH))
         .send()
         .await
         .unwrap()
@@ -62,7 +67,10 @@ async fn a_pubrec_0x97_is_answered_503_never_200() {
         receive_maximum: Some(2),
         ..Script::default()
     };
-    let settings = [("MQTT_MAX_INFLIGHT", "2"), ("PUBLISH_TIMEOUT_MS", "2000")];
+    let settings = [
+        (ENV_MQTT_MAX_INFLIGHT, "2"),
+        (ENV_PUBLISH_TIMEOUT_MS, "2000"),
+    ];
     let (broker, lp1) = start(script, &settings).await;
     let url = lp1.url(PATH);
     for i in 0..20 {
@@ -92,7 +100,7 @@ async fn a_broker_that_never_completes_is_answered_503_within_the_publish_timeou
         qos2: Qos2::Silent,
         ..Script::default()
     };
-    let (broker, lp1) = start(script, &[("PUBLISH_TIMEOUT_MS", "500")]).await;
+    let (broker, lp1) = start(script, &[(ENV_PUBLISH_TIMEOUT_MS, "500")]).await;
     let started = Instant::now();
     let response = post(&lp1.url(PATH), "1").await;
     let elapsed = started.elapsed();
@@ -114,7 +122,7 @@ async fn a_broker_granting_only_qos_0_is_answered_503() {
             maximum_qos: Some(maximum_qos),
             ..Script::default()
         };
-        let (broker, lp1) = start(script, &[("MQTT_QOS", qos)]).await;
+        let (broker, lp1) = start(script, &[(ENV_MQTT_QOS, qos)]).await;
         let response = post(&lp1.url(PATH), "1").await;
         assert_unavailable(response).await;
         assert_eq!(

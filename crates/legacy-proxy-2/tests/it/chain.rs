@@ -5,8 +5,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use ars_comp_1::SIMPLE_PATH;
 use futures_util::StreamExt;
 use http::StatusCode;
+use lps_common::config::ENV_USE_HTTP_2;
+use lps_common::wire::STORE_PATH;
 use lps_testkit::embedded::Embedded;
 use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{Broker, eventually, http1_client};
@@ -27,8 +30,8 @@ async fn with_the_embedded_broker_every_acknowledged_request_arrives_exactly_onc
 
 async fn chain(broker: &dyn Broker) {
     let sim = Simulator::start(Model::Zero).await;
-    let ac2 = harness::ars_comp_2(&sim.server.url("/ID_REQ_KC_STORE7D3BPACKET")).await;
-    let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let ac2 = harness::ars_comp_2(&sim.server.url(STORE_PATH)).await;
+    let target = ac2.url(STORE_PATH);
     let mut lp2s = Vec::new();
     for i in 1..=3 {
         lp2s.push(
@@ -36,7 +39,7 @@ async fn chain(broker: &dyn Broker) {
                 broker,
                 &format!("proxy2-{i}"),
                 &target,
-                &[("USE_HTTP_2", "true")],
+                &[(ENV_USE_HTTP_2, "true")],
             )
             .await,
         );
@@ -51,7 +54,7 @@ async fn chain(broker: &dyn Broker) {
             &[],
         )
         .await;
-        entries.push(harness::ars_comp_1(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET")).await);
+        entries.push(harness::ars_comp_1(&lp1.server.url(STORE_PATH)).await);
         lp1s.push(lp1);
     }
     harness::ready(&lp2s.iter().chain(&lp1s).collect::<Vec<_>>()).await;
@@ -60,7 +63,7 @@ async fn chain(broker: &dyn Broker) {
     let ids: Vec<String> = (1..=1000).map(|i| (10_000 + i).to_string()).collect();
     let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(ids.iter().enumerate())
         .map(|(i, id)| {
-            let url = entries[i % 3].url("/api/v1/simple");
+            let url = entries[i % 3].url(SIMPLE_PATH);
             let client = client.clone();
             async move {
                 let response = client

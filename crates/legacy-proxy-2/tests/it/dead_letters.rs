@@ -10,7 +10,7 @@ use lps_testkit::{Recorder, TestServer, eventually};
 
 use crate::harness;
 
-const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
+const PATH: &str = lps_common::wire::STORE_PATH;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_survive_restarts_of_the_broker_and_legacy_proxy_2_and_replay_delivers_them() {

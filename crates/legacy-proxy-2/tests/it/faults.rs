@@ -8,24 +8,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
+use lps_common::config::{
+    ENV_MAX_ATTEMPTS, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECEIVE_MAXIMUM,
+    ENV_MQTT_RECONNECT_MAX_MS, ENV_RETRY_BACKOFF_MAX_MS, ENV_SERVICE_NAME, ENV_TARGET_URL,
+};
+use lps_common::wire::{ATTEMPT_PROPERTY, DEAD_LETTER_REASON_PROPERTY, STORE_PATH};
 use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{ChildService, Recorder, TestServer, eventually};
 use rast_simulator::model::Model;
 
 use crate::harness::{self, Simulator};
 
-const FAST_RECONNECT: (&str, &str) = ("MQTT_RECONNECT_MAX_MS", "500");
+const FAST_RECONNECT: (&str, &str) = (ENV_MQTT_RECONNECT_MAX_MS, "500");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_killed_mid_load_loses_no_acknowledged_request() {
     let mut broker = Mosquitto::start().await;
     let sim = Simulator::start(Model::Zero).await;
-    let target = sim.server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = sim.server.url(STORE_PATH);
     let lp2a = harness::lp2(&broker, "proxy2-1", &target, &[FAST_RECONNECT]).await;
     let lp2b = harness::lp2(&broker, "proxy2-2", &target, &[FAST_RECONNECT]).await;
     let lp1 = harness::lp1(&broker, "proxy1-1", "proxy1/message", &[FAST_RECONNECT]).await;
     harness::ready(&[&lp2a, &lp2b, &lp1]).await;
-    let url = lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let url = lp1.server.url(STORE_PATH);
 
     // Load in the background while the broker is killed and restarted.
     let running = Arc::new(AtomicBool::new(true));
@@ -91,13 +96,13 @@ async fn a_killed_legacy_proxy_2_gets_its_unacknowledged_messages_after_a_restar
     let backend_server = TestServer::start(backend.router()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = broker.port.to_string();
-    let target = backend_server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = backend_server.url(STORE_PATH);
     let env = [
-        ("MQTT_HOST", "127.0.0.1"),
-        ("MQTT_PORT", port.as_str()),
-        ("SERVICE_NAME", "proxy2-victim"),
-        ("TARGET_URL", target.as_str()),
-        ("MQTT_RECEIVE_MAXIMUM", "8"),
+        (ENV_MQTT_HOST, "127.0.0.1"),
+        (ENV_MQTT_PORT, port.as_str()),
+        (ENV_SERVICE_NAME, "proxy2-victim"),
+        (ENV_TARGET_URL, target.as_str()),
+        (ENV_MQTT_RECEIVE_MAXIMUM, "8"),
     ];
     let binary = Path::new(env!("CARGO_BIN_EXE_legacy-proxy-2"));
     let mut victim = ChildService::start(binary, &env, dir.path()).await.unwrap();
@@ -105,7 +110,7 @@ async fn a_killed_legacy_proxy_2_gets_its_unacknowledged_messages_after_a_restar
     harness::ready(&[&lp1]).await;
 
     let ids: Vec<String> = (1..=20).map(|i| (700 + i).to_string()).collect();
-    let statuses = harness::send(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"), ids, 20).await;
+    let statuses = harness::send(&lp1.server.url(STORE_PATH), ids, 20).await;
     let acknowledged = harness::acknowledged(&statuses);
     assert_eq!(acknowledged.len(), 20);
     // The victim holds messages in flight (the backend is slow) when it is killed.
@@ -150,13 +155,13 @@ async fn with_the_downstream_down_messages_retry_and_arrive_once_it_is_back_with
 
 async fn downstream_down(broker: &dyn lps_testkit::Broker) {
     let sim = Simulator::start(Model::Zero).await;
-    let sim_url = sim.server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let sim_url = sim.server.url(STORE_PATH);
     let ac2 = harness::ars_comp_2(&sim_url).await;
     let ac2_addr: SocketAddr = ac2.addr;
-    let target = ac2.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = ac2.url(STORE_PATH);
     // While the target is down the retry path paces its trials up to the backoff cap;
     // a short cap makes the recovery quick.
-    let cap = [("RETRY_BACKOFF_MAX_MS", "500")];
+    let cap = [(ENV_RETRY_BACKOFF_MAX_MS, "500")];
     let lp2a = harness::lp2(broker, "proxy2-1", &target, &cap).await;
     let lp2b = harness::lp2(broker, "proxy2-2", &target, &cap).await;
     let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
@@ -164,7 +169,7 @@ async fn downstream_down(broker: &dyn lps_testkit::Broker) {
 
     ac2.stop().await;
     let ids: Vec<String> = (1..=30).map(|i| (800 + i).to_string()).collect();
-    let statuses = harness::send(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"), ids, 10).await;
+    let statuses = harness::send(&lp1.server.url(STORE_PATH), ids, 10).await;
     let acknowledged = harness::acknowledged(&statuses);
     assert_eq!(
         acknowledged.len(),
@@ -205,19 +210,19 @@ async fn after_max_attempts_a_message_is_dead_lettered_with_the_embedded_broker(
 
 async fn dead_letters(broker: &dyn lps_testkit::Broker) {
     let closed = lps_testkit::ClosedPort::new();
-    let target = closed.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = closed.url(STORE_PATH);
     let (_collector, dead_letters) = harness::collect(broker, "legacy_proxy/dead_letter/+").await;
     let lp2 = harness::lp2(
         broker,
         "proxy2-1",
         &target,
-        &[("MAX_ATTEMPTS", "3"), ("RETRY_BACKOFF_MAX_MS", "200")],
+        &[(ENV_MAX_ATTEMPTS, "3"), (ENV_RETRY_BACKOFF_MAX_MS, "200")],
     )
     .await;
     let lp1 = harness::lp1(broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2, &lp1]).await;
     let ids: Vec<String> = (1..=5).map(|i| (900 + i).to_string()).collect();
-    let statuses = harness::send(&lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET"), ids, 5).await;
+    let statuses = harness::send(&lp1.server.url(STORE_PATH), ids, 5).await;
     assert_eq!(harness::acknowledged(&statuses).len(), 5);
     let letters = eventually("five dead letters", Duration::from_secs(20), || {
         let letters = dead_letters.lock().unwrap().clone();
@@ -228,7 +233,7 @@ async fn dead_letters(broker: &dyn lps_testkit::Broker) {
         let props = &letter.properties.user_properties;
         let reason = props
             .iter()
-            .find(|(k, _)| k == "dead-letter-reason")
+            .find(|(k, _)| k == DEAD_LETTER_REASON_PROPERTY)
             .map(|(_, v)| v.as_str())
             .unwrap_or("");
         assert!(
@@ -236,7 +241,7 @@ async fn dead_letters(broker: &dyn lps_testkit::Broker) {
             "{reason}"
         );
         assert!(
-            props.iter().any(|(k, v)| k == "attempt" && v == "3"),
+            props.iter().any(|(k, v)| k == ATTEMPT_PROPERTY && v == "3"),
             "{props:?}"
         );
         let payload: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
@@ -265,17 +270,17 @@ async fn graceful_stops_of_both_bridges_under_load_lose_nothing() {
         service: Duration::from_millis(20),
     })
     .await;
-    let target = sim.server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let target = sim.server.url(STORE_PATH);
     let lp2 = harness::lp2(
         &broker,
         "proxy2-1",
         &target,
-        &[("MQTT_RECEIVE_MAXIMUM", "8")],
+        &[(ENV_MQTT_RECEIVE_MAXIMUM, "8")],
     )
     .await;
     let lp1 = harness::lp1(&broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp2, &lp1]).await;
-    let url = lp1.server.url("/ID_REQ_KC_STORE7D3BPACKET");
+    let url = lp1.server.url(STORE_PATH);
     let ids: Vec<String> = (1..=200).map(|i| (1000 + i).to_string()).collect();
     let load = tokio::spawn(async move { harness::send(&url, ids, 16).await });
     eventually("some delivered", Duration::from_secs(10), || async {

@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lps_common::config::{
+    ENV_LOG_DIR, ENV_MQTT_TOPIC, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_TARGET_URL,
+};
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
-use lps_testkit::Broker;
-use lps_testkit::TestServer;
+use lps_common::wire::{METRICS_PATH, READYZ_PATH};
+use lps_testkit::{Broker, TestServer};
 use rast_simulator::journal;
 use rast_simulator::model::Model;
 
@@ -37,7 +40,7 @@ impl Running {
     /// The bridge's `/metrics` text.
     pub async fn metrics(&self) -> String {
         lps_testkit::http1_client()
-            .get(self.server.url("/metrics"))
+            .get(self.server.url(METRICS_PATH))
             .send()
             .await
             .unwrap()
@@ -64,8 +67,8 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
 /// legacy-proxy-1 `name` publishing to `topic`.
 pub async fn lp1(broker: &dyn Broker, name: &str, topic: &str, extra: &[(&str, &str)]) -> Running {
     let mut pairs = broker_env(broker);
-    pairs.push(("SERVICE_NAME".into(), name.into()));
-    pairs.push(("MQTT_TOPIC".into(), topic.into()));
+    pairs.push((ENV_SERVICE_NAME.into(), name.into()));
+    pairs.push((ENV_MQTT_TOPIC.into(), topic.into()));
     pairs.extend(
         extra
             .iter()
@@ -79,9 +82,9 @@ pub async fn lp1(broker: &dyn Broker, name: &str, topic: &str, extra: &[(&str, &
 /// legacy-proxy-2 `name` forwarding to `target`.
 pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, &str)]) -> Running {
     let mut pairs = broker_env(broker);
-    pairs.push(("SERVICE_NAME".into(), name.into()));
-    pairs.push(("TARGET_URL".into(), target.into()));
-    pairs.push(("RETRY_BACKOFF_MS".into(), "50".into()));
+    pairs.push((ENV_SERVICE_NAME.into(), name.into()));
+    pairs.push((ENV_TARGET_URL.into(), target.into()));
+    pairs.push((ENV_RETRY_BACKOFF_MS.into(), "50".into()));
     pairs.extend(
         extra
             .iter()
@@ -95,7 +98,7 @@ pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, 
 /// Waits until `/readyz` of each service answers 200.
 pub async fn ready(services: &[&Running]) {
     for service in services {
-        let url = service.server.url("/readyz");
+        let url = service.server.url(READYZ_PATH);
         lps_testkit::eventually("bridge ready", Duration::from_secs(20), || {
             let url = url.clone();
             async move {
@@ -115,7 +118,7 @@ pub async fn ars_comp_2(target: &str) -> TestServer {
 /// ars-comp-1 in front of `target`, through its own `serve`.
 pub async fn ars_comp_1(target: &str) -> TestServer {
     let config =
-        ars_comp_1::Config::from_lookup(&env_map(vec![("TARGET_URL".into(), target.into())]))
+        ars_comp_1::Config::from_lookup(&env_map(vec![(ENV_TARGET_URL.into(), target.into())]))
             .unwrap();
     TestServer::serve(|l, s| ars_comp_1::serve(config, l, s)).await
 }
@@ -129,7 +132,7 @@ pub struct Simulator {
 impl Simulator {
     pub async fn start(model: Model) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let env = env_map(vec![("LOG_DIR".into(), dir.path().display().to_string())]);
+        let env = env_map(vec![(ENV_LOG_DIR.into(), dir.path().display().to_string())]);
         let args = rast_simulator::Args {
             model: "zero".to_owned(),
             corr_max: 0,
@@ -210,7 +213,7 @@ pub fn message() -> String {
 /// ars-comp-2 on `addr` in front of `target` (to bring a stopped one back on its port).
 pub async fn ars_comp_2_on(addr: SocketAddr, target: &str) -> TestServer {
     let config =
-        ars_comp_2::Config::from_lookup(&env_map(vec![("TARGET_URL".into(), target.into())]))
+        ars_comp_2::Config::from_lookup(&env_map(vec![(ENV_TARGET_URL.into(), target.into())]))
             .unwrap();
     TestServer::serve_on(addr, |l, s| ars_comp_2::serve(config, l, s)).await
 }

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use lps_common::config::{ENV_MAX_PAYLOAD_BYTES, ENV_MQTT_RECEIVE_MAXIMUM};
 use lps_common::mqtt::mqtt5::{PublishOptions, QoS};
+use lps_common::wire::{DEAD_LETTER_REASON_PROPERTY, SOURCE_TOPIC_PROPERTY, STORE_PATH};
 use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{Recorder, TestServer, eventually};
 use rast_simulator::model::Model;
@@ -33,8 +35,8 @@ async fn poison(broker: &dyn lps_testkit::Broker) {
     let lp2 = harness::lp2(
         broker,
         "proxy2-1",
-        &sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"),
-        &[("MAX_PAYLOAD_BYTES", "1024")],
+        &sim.server.url(STORE_PATH),
+        &[(ENV_MAX_PAYLOAD_BYTES, "1024")],
     )
     .await;
     harness::ready(&[&lp2]).await;
@@ -89,14 +91,14 @@ async fn poison(broker: &dyn lps_testkit::Broker) {
         let props = &letter.properties.user_properties;
         let why = props
             .iter()
-            .find(|(k, _)| k == "dead-letter-reason")
+            .find(|(k, _)| k == DEAD_LETTER_REASON_PROPERTY)
             .map(|(_, v)| v.as_str())
             .unwrap_or("");
         assert!(why.starts_with(reason), "{why} should start with {reason}");
         assert!(
             props
                 .iter()
-                .any(|(k, v)| k == "source-topic" && v == "proxy9/message"),
+                .any(|(k, v)| k == SOURCE_TOPIC_PROPERTY && v == "proxy9/message"),
             "{props:?}"
         );
     }
@@ -119,7 +121,7 @@ async fn deliver(receive_maximum: &str, count: usize, delay: Duration) -> Durati
         &broker,
         "proxy2-1",
         &server.url("/x"),
-        &[("MQTT_RECEIVE_MAXIMUM", receive_maximum)],
+        &[(ENV_MQTT_RECEIVE_MAXIMUM, receive_maximum)],
     )
     .await;
     harness::ready(&[&lp2]).await;

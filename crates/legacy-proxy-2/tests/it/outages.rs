@@ -8,16 +8,22 @@ use std::time::Duration;
 
 use axum::extract::State;
 use http::{HeaderMap, StatusCode};
+use lps_common::config::{
+    ENV_MQTT_RECEIVE_MAXIMUM, ENV_MQTT_RECONNECT_MAX_MS, ENV_REPLAY_WINDOW_MS,
+    ENV_RETRY_BACKOFF_MAX_MS, ENV_RETRY_BACKOFF_MS,
+};
 use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{Broker, TestServer, eventually};
 use rast_simulator::model::Model;
 
 use crate::harness::{self, Simulator};
 
-const PATH: &str = "/ID_REQ_KC_STORE7D3BPACKET";
+const PATH: &str = lps_common::wire::STORE_PATH;
 /// A short backoff cap, so that an outage of ten times the cap is a few seconds.
-const SHORT_BACKOFF: [(&str, &str); 2] =
-    [("RETRY_BACKOFF_MS", "50"), ("RETRY_BACKOFF_MAX_MS", "200")];
+const SHORT_BACKOFF: [(&str, &str); 2] = [
+    (ENV_RETRY_BACKOFF_MS, "50"),
+    (ENV_RETRY_BACKOFF_MAX_MS, "200"),
+];
 const OUTAGE: Duration = Duration::from_secs(3);
 
 /// Sends to `url` until `running` turns false: `concurrency` requests at a time, then a
@@ -166,9 +172,9 @@ async fn one_always_failing_message_does_not_hold_back_a_thousand_good_ones() {
         "proxy2-1",
         &server.url(PATH),
         &[
-            ("RETRY_BACKOFF_MS", "60000"),
-            ("RETRY_BACKOFF_MAX_MS", "60000"),
-            ("MQTT_RECEIVE_MAXIMUM", "32"),
+            (ENV_RETRY_BACKOFF_MS, "60000"),
+            (ENV_RETRY_BACKOFF_MAX_MS, "60000"),
+            (ENV_MQTT_RECEIVE_MAXIMUM, "32"),
         ],
     )
     .await;
@@ -223,7 +229,7 @@ async fn a_broker_killed_twice_during_the_replay_loses_no_acknowledged_request()
     let mut broker = Mosquitto::start().await;
     let sim = Simulator::start(Model::Zero).await;
     let target = sim.server.url(PATH);
-    let fast = ("MQTT_RECONNECT_MAX_MS", "300");
+    let fast = (ENV_MQTT_RECONNECT_MAX_MS, "300");
     let lp2a = harness::lp2(&broker, "proxy2-1", &target, &[fast]).await;
     let lp2b = harness::lp2(&broker, "proxy2-2", &target, &[fast]).await;
     // A long window makes the replay long enough to kill the broker in the middle of it.
@@ -231,7 +237,7 @@ async fn a_broker_killed_twice_during_the_replay_loses_no_acknowledged_request()
         &broker,
         "proxy1-1",
         "proxy1/message",
-        &[fast, ("REPLAY_WINDOW_MS", "10000")],
+        &[fast, (ENV_REPLAY_WINDOW_MS, "10000")],
     )
     .await;
     harness::ready(&[&lp2a, &lp2b, &lp1]).await;

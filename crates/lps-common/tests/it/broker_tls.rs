@@ -8,7 +8,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lps_common::config::Env;
+use lps_common::config::{
+    ENV_MQTT_CA_FILE, ENV_MQTT_CLIENT_CERT_FILE, ENV_MQTT_CLIENT_KEY_FILE, ENV_MQTT_HOST,
+    ENV_MQTT_PASSWORD, ENV_MQTT_PASSWORD_FILE, ENV_MQTT_PORT, ENV_MQTT_RECONNECT_MAX_MS,
+    ENV_MQTT_RECONNECT_MIN_MS, ENV_MQTT_TLS, ENV_MQTT_USERNAME, ENV_SERVICE_NAME, Env,
+};
 use lps_common::mqtt::mqtt5::{Message, QoS, SubscribeOptions};
 use lps_common::mqtt::{Completed, Link, MqttConfig};
 use lps_testkit::mosquitto::Mosquitto;
@@ -29,14 +33,14 @@ fn config(pairs: &[(&str, String)]) -> MqttConfig {
 
 fn base(broker: &Mosquitto, ca: &std::path::Path, client_id: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("MQTT_HOST", "127.0.0.1".to_owned()),
-        ("MQTT_PORT", broker.port.to_string()),
-        ("MQTT_TLS", "1".to_owned()),
-        ("MQTT_CA_FILE", ca.display().to_string()),
-        ("MQTT_USERNAME", USER.to_owned()),
-        ("SERVICE_NAME", client_id.to_owned()),
-        ("MQTT_RECONNECT_MIN_MS", "100".to_owned()),
-        ("MQTT_RECONNECT_MAX_MS", "500".to_owned()),
+        (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+        (ENV_MQTT_PORT, broker.port.to_string()),
+        (ENV_MQTT_TLS, "1".to_owned()),
+        (ENV_MQTT_CA_FILE, ca.display().to_string()),
+        (ENV_MQTT_USERNAME, USER.to_owned()),
+        (ENV_SERVICE_NAME, client_id.to_owned()),
+        (ENV_MQTT_RECONNECT_MIN_MS, "100".to_owned()),
+        (ENV_MQTT_RECONNECT_MAX_MS, "500".to_owned()),
     ]
 }
 
@@ -50,10 +54,10 @@ async fn tls_and_password_deliver_end_to_end() {
 
     // The subscriber has the password inline, the publisher in a file (as a secret mount).
     let mut sub_env = base(&broker, &pki.ca, "tls-sub");
-    sub_env.push(("MQTT_PASSWORD", PASSWORD.to_owned()));
+    sub_env.push((ENV_MQTT_PASSWORD, PASSWORD.to_owned()));
     let sub = config(&sub_env);
     let mut pub_env = base(&broker, &pki.ca, "tls-pub");
-    pub_env.push(("MQTT_PASSWORD_FILE", password_file.display().to_string()));
+    pub_env.push((ENV_MQTT_PASSWORD_FILE, password_file.display().to_string()));
     let publisher = config(&pub_env);
     assert_eq!(sub.address(), format!("mqtts://127.0.0.1:{}", broker.port));
     assert_eq!(
@@ -146,8 +150,8 @@ async fn stays_down(
 ) -> (String, usize) {
     // A short first delay and a long last one: backing off at once shows as few tries.
     settings.retain(|(k, _)| !k.starts_with("MQTT_RECONNECT_"));
-    settings.push(("MQTT_RECONNECT_MIN_MS", "50".to_owned()));
-    settings.push(("MQTT_RECONNECT_MAX_MS", "1000".to_owned()));
+    settings.push((ENV_MQTT_RECONNECT_MIN_MS, "50".to_owned()));
+    settings.push((ENV_MQTT_RECONNECT_MAX_MS, "1000".to_owned()));
     let cfg = config(&settings);
     let before = broker.log().matches("New connection from").count();
     let logs = captured(async {
@@ -177,7 +181,7 @@ async fn a_wrong_password_keeps_the_link_down_and_says_so() {
     let pki = TestPki::generate(dir.path(), "good");
     let broker = Mosquitto::start_secure(&pki, USER, PASSWORD).await;
     let mut settings = base(&broker, &pki.ca, "tls-wrong-password");
-    settings.push(("MQTT_PASSWORD", "not the password".to_owned()));
+    settings.push((ENV_MQTT_PASSWORD, "not the password".to_owned()));
     let (logs, attempts) = stays_down(&broker, settings).await;
     let refused: Vec<&str> = logs
         .lines()
@@ -204,7 +208,7 @@ async fn an_unknown_ca_keeps_the_link_down_and_says_so() {
     let other = TestPki::generate(dir.path(), "other");
     let broker = Mosquitto::start_secure(&pki, USER, PASSWORD).await;
     let mut settings = base(&broker, &other.ca, "tls-wrong-ca");
-    settings.push(("MQTT_PASSWORD", PASSWORD.to_owned()));
+    settings.push((ENV_MQTT_PASSWORD, PASSWORD.to_owned()));
     let (logs, attempts) = stays_down(&broker, settings).await;
     let failed: Vec<&str> = logs
         .lines()
@@ -231,44 +235,47 @@ fn bad_tls_and_password_settings_are_configuration_errors() {
     let path = |p: &std::path::Path| p.display().to_string();
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (
-            vec![("MQTT_CA_FILE", "/nonexistent/ca.pem".into())],
-            "MQTT_CA_FILE",
+            vec![(ENV_MQTT_CA_FILE, "/nonexistent/ca.pem".into())],
+            ENV_MQTT_CA_FILE,
         ),
-        (vec![("MQTT_CA_FILE", path(&garbage))], "MQTT_CA_FILE"),
-        (
-            vec![("MQTT_CA_FILE", path(&pki.ca)), ("MQTT_TLS", "0".into())],
-            "MQTT_TLS",
-        ),
-        (vec![("MQTT_TLS", "maybe".into())], "MQTT_TLS"),
+        (vec![(ENV_MQTT_CA_FILE, path(&garbage))], ENV_MQTT_CA_FILE),
         (
             vec![
-                ("MQTT_TLS", "1".into()),
-                ("MQTT_CLIENT_CERT_FILE", path(&pki.client_cert)),
+                (ENV_MQTT_CA_FILE, path(&pki.ca)),
+                (ENV_MQTT_TLS, "0".into()),
             ],
-            "MQTT_CLIENT_KEY_FILE",
+            ENV_MQTT_TLS,
         ),
+        (vec![(ENV_MQTT_TLS, "maybe".into())], ENV_MQTT_TLS),
         (
             vec![
-                ("MQTT_CLIENT_CERT_FILE", path(&pki.client_cert)),
-                ("MQTT_CLIENT_KEY_FILE", path(&garbage)),
+                (ENV_MQTT_TLS, "1".into()),
+                (ENV_MQTT_CLIENT_CERT_FILE, path(&pki.client_cert)),
             ],
-            "MQTT_CLIENT_KEY_FILE",
-        ),
-        (vec![("MQTT_PASSWORD", "x".into())], "MQTT_USERNAME"),
-        (
-            vec![
-                ("MQTT_USERNAME", "u".into()),
-                ("MQTT_PASSWORD", "x".into()),
-                ("MQTT_PASSWORD_FILE", path(&garbage)),
-            ],
-            "MQTT_PASSWORD_FILE",
+            ENV_MQTT_CLIENT_KEY_FILE,
         ),
         (
             vec![
-                ("MQTT_USERNAME", "u".into()),
-                ("MQTT_PASSWORD_FILE", "/nonexistent".into()),
+                (ENV_MQTT_CLIENT_CERT_FILE, path(&pki.client_cert)),
+                (ENV_MQTT_CLIENT_KEY_FILE, path(&garbage)),
             ],
-            "MQTT_PASSWORD_FILE",
+            ENV_MQTT_CLIENT_KEY_FILE,
+        ),
+        (vec![(ENV_MQTT_PASSWORD, "x".into())], ENV_MQTT_USERNAME),
+        (
+            vec![
+                (ENV_MQTT_USERNAME, "u".into()),
+                (ENV_MQTT_PASSWORD, "x".into()),
+                (ENV_MQTT_PASSWORD_FILE, path(&garbage)),
+            ],
+            ENV_MQTT_PASSWORD_FILE,
+        ),
+        (
+            vec![
+                (ENV_MQTT_USERNAME, "u".into()),
+                (ENV_MQTT_PASSWORD_FILE, "/nonexistent".into()),
+            ],
+            ENV_MQTT_PASSWORD_FILE,
         ),
     ];
     for (pairs, var) in cases {
@@ -283,8 +290,8 @@ fn bad_tls_and_password_settings_are_configuration_errors() {
     }
     // A client certificate with its key is fine, and TLS moves the default port to 8883.
     let env: HashMap<&str, String> = [
-        ("MQTT_CLIENT_CERT_FILE", path(&pki.client_cert)),
-        ("MQTT_CLIENT_KEY_FILE", path(&pki.client_key)),
+        (ENV_MQTT_CLIENT_CERT_FILE, path(&pki.client_cert)),
+        (ENV_MQTT_CLIENT_KEY_FILE, path(&pki.client_key)),
     ]
     .into();
     let env: HashMap<String, String> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();

@@ -4,7 +4,15 @@
 
 use std::collections::HashMap;
 
-use lps_common::config::{ConfigError, Env, MAX_DURATION, ServerConfig};
+use lps_common::config::{
+    ConfigError, ENV_BODY_BUDGET_WAIT_MS, ENV_BODY_READ_TIMEOUT_MS, ENV_CONNECT_TIMEOUT_MS,
+    ENV_FIRST_BYTES_TIMEOUT_MS, ENV_HEADER_READ_TIMEOUT_MS, ENV_HTTP_PORT,
+    ENV_HTTP2_KEEPALIVE_INTERVAL_MS, ENV_HTTP2_KEEPALIVE_TIMEOUT_MS, ENV_IDLE_TIMEOUT_MS,
+    ENV_LISTEN_BACKLOG, ENV_MAX_BODY_BYTES, ENV_MAX_CONNECTIONS, ENV_MQTT_KEEPALIVE_SECS,
+    ENV_MQTT_PORT, ENV_MQTT_QOS, ENV_MQTT_RECONNECT_MAX_MS, ENV_MQTT_RECONNECT_MIN_MS,
+    ENV_MQTT_SESSION_EXPIRY_SECS, ENV_REQUEST_TIMEOUT_SECS, ENV_SHUTDOWN_GRACE_SECS,
+    ENV_TARGET_COOLDOWN_MS, Env, MAX_DURATION, ServerConfig,
+};
 use lps_common::mqtt::MqttConfig;
 use lps_common::upstream::UpstreamConfig;
 
@@ -39,27 +47,31 @@ const ALWAYS_ABSURD: &[&str] = &[
 /// Every numeric and duration variable, where it is read, and the values it must refuse
 /// on top of [`ALWAYS_ABSURD`].
 const TABLE: &[(&str, Read, &[&str])] = &[
-    ("HTTP_PORT", server, &["65536"]),
-    ("LISTEN_BACKLOG", server, &["0", "1048577"]),
-    ("SHUTDOWN_GRACE_SECS", server, &["2592001", "1e300"]),
-    ("MAX_BODY_BYTES", server, &["0", "1073741825"]),
-    ("MAX_CONNECTIONS", server, &["0", "1048577"]),
-    ("FIRST_BYTES_TIMEOUT_MS", server, &["0", "2592000001"]),
-    ("HEADER_READ_TIMEOUT_MS", server, &["0", "2592000001"]),
-    ("BODY_READ_TIMEOUT_MS", server, &["0", "2592000001"]),
-    ("IDLE_TIMEOUT_MS", server, &["0", "2592000001"]),
-    ("HTTP2_KEEPALIVE_INTERVAL_MS", server, &["2592000001"]),
-    ("HTTP2_KEEPALIVE_TIMEOUT_MS", server, &["0", "2592000001"]),
-    ("BODY_BUDGET_WAIT_MS", server, &["2592000001"]),
-    ("CONNECT_TIMEOUT_MS", upstream, &["0", "2592000001"]),
-    ("REQUEST_TIMEOUT_SECS", upstream, &["0", "2592001", "1e300"]),
-    ("TARGET_COOLDOWN_MS", upstream, &["2592000001"]),
-    ("MQTT_PORT", mqtt, &["0", "65536"]),
-    ("MQTT_QOS", mqtt, &["0", "3"]),
-    ("MQTT_SESSION_EXPIRY_SECS", mqtt, &["0", "4294967296"]),
-    ("MQTT_KEEPALIVE_SECS", mqtt, &["65536"]),
-    ("MQTT_RECONNECT_MIN_MS", mqtt, &["2592000001"]),
-    ("MQTT_RECONNECT_MAX_MS", mqtt, &["2592000001"]),
+    (ENV_HTTP_PORT, server, &["65536"]),
+    (ENV_LISTEN_BACKLOG, server, &["0", "1048577"]),
+    (ENV_SHUTDOWN_GRACE_SECS, server, &["2592001", "1e300"]),
+    (ENV_MAX_BODY_BYTES, server, &["0", "1073741825"]),
+    (ENV_MAX_CONNECTIONS, server, &["0", "1048577"]),
+    (ENV_FIRST_BYTES_TIMEOUT_MS, server, &["0", "2592000001"]),
+    (ENV_HEADER_READ_TIMEOUT_MS, server, &["0", "2592000001"]),
+    (ENV_BODY_READ_TIMEOUT_MS, server, &["0", "2592000001"]),
+    (ENV_IDLE_TIMEOUT_MS, server, &["0", "2592000001"]),
+    (ENV_HTTP2_KEEPALIVE_INTERVAL_MS, server, &["2592000001"]),
+    (ENV_HTTP2_KEEPALIVE_TIMEOUT_MS, server, &["0", "2592000001"]),
+    (ENV_BODY_BUDGET_WAIT_MS, server, &["2592000001"]),
+    (ENV_CONNECT_TIMEOUT_MS, upstream, &["0", "2592000001"]),
+    (
+        ENV_REQUEST_TIMEOUT_SECS,
+        upstream,
+        &["0", "2592001", "1e300"],
+    ),
+    (ENV_TARGET_COOLDOWN_MS, upstream, &["2592000001"]),
+    (ENV_MQTT_PORT, mqtt, &["0", "65536"]),
+    (ENV_MQTT_QOS, mqtt, &["0", "3"]),
+    (ENV_MQTT_SESSION_EXPIRY_SECS, mqtt, &["0", "4294967296"]),
+    (ENV_MQTT_KEEPALIVE_SECS, mqtt, &["65536"]),
+    (ENV_MQTT_RECONNECT_MIN_MS, mqtt, &["2592000001"]),
+    (ENV_MQTT_RECONNECT_MAX_MS, mqtt, &["2592000001"]),
 ];
 
 #[test]
@@ -93,7 +105,7 @@ fn the_largest_sane_values_are_accepted() {
     for (var, read, _) in TABLE {
         let value = match *var {
             v if v.ends_with("_MS") => max_ms.as_str(),
-            "SHUTDOWN_GRACE_SECS" | "REQUEST_TIMEOUT_SECS" => max_secs.as_str(),
+            ENV_SHUTDOWN_GRACE_SECS | ENV_REQUEST_TIMEOUT_SECS => max_secs.as_str(),
             _ => continue,
         };
         let map: HashMap<&str, &str> = [(*var, value)].into();

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::get;
 use http::StatusCode;
+use lps_common::config::{ENV_HTTP_HOST, ENV_HTTP_PORT};
 use lps_common::service::{HEALTHCHECK_PATH, HEALTHCHECK_TIMEOUT, healthcheck};
+use lps_common::wire::{HEALTHZ_PATH, READYZ_PATH};
 use lps_common::{Registry, finish_router};
 use lps_testkit::{ClosedPort, TestServer};
 
@@ -24,7 +26,10 @@ async fn check(env: &[(&str, String)], path: &str, timeout: Duration) -> Result<
 
 fn app() -> Router {
     finish_router(
-        Router::new().route("/readyz", get(|| async { StatusCode::SERVICE_UNAVAILABLE })),
+        Router::new().route(
+            READYZ_PATH,
+            get(|| async { StatusCode::SERVICE_UNAVAILABLE }),
+        ),
         Registry::default(),
         1024,
     )
@@ -34,8 +39,8 @@ fn app() -> Router {
 async fn healthy_service_passes_and_a_failing_path_does_not() {
     let server = TestServer::start(app()).await;
     let env = [
-        ("HTTP_HOST", "0.0.0.0".to_owned()),
-        ("HTTP_PORT", server.addr.port().to_string()),
+        (ENV_HTTP_HOST, "0.0.0.0".to_owned()),
+        (ENV_HTTP_PORT, server.addr.port().to_string()),
     ];
     let line = check(&env, HEALTHCHECK_PATH, HEALTHCHECK_TIMEOUT)
         .await
@@ -44,7 +49,7 @@ async fn healthy_service_passes_and_a_failing_path_does_not() {
         line,
         format!("healthy: GET http://{}/healthz answered 200", server.addr)
     );
-    let line = check(&env, "/readyz", HEALTHCHECK_TIMEOUT)
+    let line = check(&env, READYZ_PATH, HEALTHCHECK_TIMEOUT)
         .await
         .expect_err("503 is unhealthy");
     assert!(line.ends_with("/readyz answered 503"), "{line}");
@@ -57,7 +62,7 @@ async fn healthy_service_passes_and_a_failing_path_does_not() {
 #[tokio::test]
 async fn closed_port_fails() {
     let closed = ClosedPort::new();
-    let env = [("HTTP_PORT", closed.port.to_string())];
+    let env = [(ENV_HTTP_PORT, closed.port.to_string())];
     let line = check(&env, HEALTHCHECK_PATH, HEALTHCHECK_TIMEOUT)
         .await
         .expect_err("nothing listens");
@@ -75,7 +80,7 @@ async fn silent_listener_fails_within_the_timeout() {
     // The kernel completes the handshake into the backlog; nobody ever answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let env = [(
-        "HTTP_PORT",
+        ENV_HTTP_PORT,
         silent.local_addr().expect("addr").port().to_string(),
     )];
     let started = Instant::now();
@@ -93,8 +98,8 @@ async fn silent_listener_fails_within_the_timeout() {
 #[tokio::test]
 async fn invalid_port_names_the_variable() {
     let line = check(
-        &[("HTTP_PORT", "eighty".to_owned())],
-        "/healthz",
+        &[(ENV_HTTP_PORT, "eighty".to_owned())],
+        HEALTHZ_PATH,
         HEALTHCHECK_TIMEOUT,
     )
     .await

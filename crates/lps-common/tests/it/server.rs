@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use http::StatusCode;
+use lps_common::wire::{HEALTHZ_PATH, METRICS_PATH};
 use lps_common::{Registry, finish_router};
 use lps_testkit::{TestServer, h2c_client, http1_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,7 +39,7 @@ async fn one_port_serves_http1_and_h2c() {
         assert_eq!(response.text().await.unwrap(), "hi");
     }
     let metrics = http1_client()
-        .get(server.url("/metrics"))
+        .get(server.url(METRICS_PATH))
         .send()
         .await
         .unwrap()
@@ -116,7 +117,7 @@ async fn unknown_paths_and_wrong_methods_get_json_errors() {
             serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
         assert_eq!(body["error"], code, "{body}");
     }
-    let health = client.get(server.url("/healthz")).send().await.unwrap();
+    let health = client.get(server.url(HEALTHZ_PATH)).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
 
@@ -135,7 +136,7 @@ async fn stop_drains_in_flight_requests() {
     let url = server.url("/slow");
     let in_flight = tokio::spawn(async move { http1_client().post(url).send().await });
     // Wait until the request is inside the handler, then stop the server.
-    let metrics_url = server.url("/metrics");
+    let metrics_url = server.url(METRICS_PATH);
     lps_testkit::eventually("request in flight", Duration::from_secs(5), || {
         let url = metrics_url.clone();
         async move {

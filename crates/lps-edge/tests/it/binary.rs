@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use lps_common::config::{ENV_MQTT_PORT, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_HOST, ENV_PROXY_PORT};
+use lps_common::wire::HEALTHZ_PATH;
 use lps_testkit::ChildService;
 use lps_testkit::mosquitto::free_port;
 
@@ -13,7 +15,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_lps-edge");
 async fn a_bad_value_exits_64_naming_the_variable() {
     let output = tokio::process::Command::new(BINARY)
         .env_clear()
-        .env("PROXY_ALLOWED_PORTS", "80,ssh")
+        .env(ENV_PROXY_ALLOWED_PORTS, "80,ssh")
         .output()
         .await
         .unwrap();
@@ -33,15 +35,15 @@ async fn the_binary_serves_health_and_stops_on_sigterm() {
     let mut edge = ChildService::start(
         Path::new(BINARY),
         &[
-            ("PROXY_HOST", "127.0.0.1"),
-            ("PROXY_PORT", &proxy_port),
-            ("MQTT_PORT", "1"),
+            (ENV_PROXY_HOST, "127.0.0.1"),
+            (ENV_PROXY_PORT, &proxy_port),
+            (ENV_MQTT_PORT, "1"),
         ],
         dir.path(),
     )
     .await
     .unwrap();
-    let health = reqwest::get(edge.url("/healthz")).await.unwrap();
+    let health = reqwest::get(edge.url(HEALTHZ_PATH)).await.unwrap();
     assert_eq!(health.status(), 200);
     // The proxy port answers as a proxy (an origin-form request is no proxy request).
     let (_, response) = crate::harness::proxy_request(

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures_util::{SinkExt, StreamExt};
+use lps_common::config::{
+    ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_PROXY_PORT,
+    ENV_SHUTDOWN_GRACE_SECS,
+};
+use lps_common::wire::METRICS_PATH;
 use lps_edge::{Config, Listeners};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,12 +33,12 @@ impl Edge {
     pub async fn start(broker_port: u16, extra: &[(&str, &str)]) -> Self {
         let broker_port = broker_port.to_string();
         let mut env: HashMap<String, String> = [
-            ("HTTP_HOST", "127.0.0.1"),
-            ("HTTP_PORT", "0"),
-            ("PROXY_PORT", "0"),
-            ("MQTT_HOST", "127.0.0.1"),
-            ("MQTT_PORT", broker_port.as_str()),
-            ("SHUTDOWN_GRACE_SECS", "2"),
+            (ENV_HTTP_HOST, "127.0.0.1"),
+            (ENV_HTTP_PORT, "0"),
+            (ENV_PROXY_PORT, "0"),
+            (ENV_MQTT_HOST, "127.0.0.1"),
+            (ENV_MQTT_PORT, broker_port.as_str()),
+            (ENV_SHUTDOWN_GRACE_SECS, "2"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -77,7 +82,7 @@ impl Edge {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let (status, _, body) = http_get(self.http, "/metrics").await;
+        let (status, _, body) = http_get(self.http, METRICS_PATH).await;
         assert_eq!(status, 200);
         String::from_utf8(body).unwrap()
     }

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::Path;
-use axum::routing;
+use axum::{Router, routing};
 use base64::Engine;
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use http::HeaderMap;
+use lps_common::config::{
+    ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_AUTH, ENV_PROXY_MAX_CONNECTIONS, ENV_WS_ENABLED,
+};
 use lps_testkit::TestServer;
 use lps_testkit::mosquitto::Mosquitto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,7 +64,10 @@ async fn pipelined_absolute_form_requests_come_back_in_order() {
     let port_list = port.to_string();
     let edge = Edge::start(
         1,
-        &[("PROXY_ALLOWED_PORTS", &port_list), ("WS_ENABLED", "false")],
+        &[
+            (ENV_PROXY_ALLOWED_PORTS, &port_list),
+            (ENV_WS_ENABLED, "false"),
+        ],
     )
     .await;
     let mut stream = TcpStream::connect(edge.proxy()).await.unwrap();
@@ -159,7 +164,10 @@ async fn the_connect_tunnel_carries_a_tls_session() {
     let port_list = port.to_string();
     let edge = Edge::start(
         1,
-        &[("PROXY_ALLOWED_PORTS", &port_list), ("WS_ENABLED", "false")],
+        &[
+            (ENV_PROXY_ALLOWED_PORTS, &port_list),
+            (ENV_WS_ENABLED, "false"),
+        ],
     )
     .await;
     let target = format!("localhost:{port}");
@@ -225,9 +233,9 @@ async fn requests_without_credentials_get_407() {
     let edge = Edge::start(
         1,
         &[
-            ("PROXY_ALLOWED_PORTS", &port_list),
-            ("PROXY_AUTH", "user:s3cret"),
-            ("WS_ENABLED", "false"),
+            (ENV_PROXY_ALLOWED_PORTS, &port_list),
+            (ENV_PROXY_AUTH, "user:s3cret"),
+            (ENV_WS_ENABLED, "false"),
         ],
     )
     .await;
@@ -288,7 +296,7 @@ async fn a_disallowed_port_is_refused_without_connecting() {
     let port = listener.local_addr().unwrap().port();
     let edge = Edge::start(
         1,
-        &[("PROXY_ALLOWED_PORTS", "443"), ("WS_ENABLED", "false")],
+        &[(ENV_PROXY_ALLOWED_PORTS, "443"), (ENV_WS_ENABLED, "false")],
     )
     .await;
     for request in [connect(&format!("127.0.0.1:{port}"), ""), get(port, "/")] {
@@ -316,7 +324,10 @@ async fn a_backend_killed_mid_tunnel_tears_the_tunnel_down() {
     let port_list = broker.port.to_string();
     let edge = Edge::start(
         1,
-        &[("PROXY_ALLOWED_PORTS", &port_list), ("WS_ENABLED", "false")],
+        &[
+            (ENV_PROXY_ALLOWED_PORTS, &port_list),
+            (ENV_WS_ENABLED, "false"),
+        ],
     )
     .await;
     let (mut tunnel, response) = harness::proxy_request(
@@ -359,9 +370,9 @@ async fn the_connection_limit_holds_new_connections_until_a_place_frees() {
     let edge = Edge::start(
         1,
         &[
-            ("PROXY_ALLOWED_PORTS", &ports),
-            ("PROXY_MAX_CONNECTIONS", "1"),
-            ("WS_ENABLED", "false"),
+            (ENV_PROXY_ALLOWED_PORTS, &ports),
+            (ENV_PROXY_MAX_CONNECTIONS, "1"),
+            (ENV_WS_ENABLED, "false"),
         ],
     )
     .await;

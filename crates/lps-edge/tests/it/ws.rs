@@ -4,6 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use lps_common::config::{ENV_WS_ENABLED, ENV_WS_MAX_CONNECTIONS};
+use lps_common::wire::HEALTHZ_PATH;
 use lps_testkit::mosquitto::Mosquitto;
 use mqtt5::{ConnectOptions, MqttClient, PublishResult, QoS, SubscribeOptions};
 use tokio_tungstenite::tungstenite::Message;
@@ -384,11 +386,11 @@ async fn upgrades_are_refused_with_a_status_that_says_why() {
             .await,
         1.0
     );
-    assert_eq!(harness::http_get(edge.http, "/healthz").await.0, 200);
+    assert_eq!(harness::http_get(edge.http, HEALTHZ_PATH).await.0, 200);
     drop(edge);
 
     let broker = Mosquitto::start().await;
-    let edge = Edge::start(broker.port, &[("WS_MAX_CONNECTIONS", "1")]).await;
+    let edge = Edge::start(broker.port, &[(ENV_WS_MAX_CONNECTIONS, "1")]).await;
     assert_eq!(
         status(harness::ws_connect(&edge.ws_url(), Some("chat")).await),
         400
@@ -408,12 +410,12 @@ async fn upgrades_are_refused_with_a_status_that_says_why() {
         .await;
     harness::mqtt_over_ws(&edge.ws_url(), mqtt::connect("two", 60, None)).await;
 
-    let off = Edge::start(broker.port, &[("WS_ENABLED", "false")]).await;
+    let off = Edge::start(broker.port, &[(ENV_WS_ENABLED, "false")]).await;
     assert_eq!(
         status(harness::ws_connect(&off.ws_url(), Some("mqtt")).await),
         404
     );
-    assert_eq!(harness::http_get(off.http, "/healthz").await.0, 200);
+    assert_eq!(harness::http_get(off.http, HEALTHZ_PATH).await.0, 200);
 }
 
 /// On shutdown every bridge gets Close 1001 (going away) and the edge stops in time.

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::StatusCode;
+use lps_common::config::{ENV_LOG_DIR, ENV_SIM_MODEL, ENV_SIM_SERVICE_MS};
+use lps_common::wire::{HEALTHZ_PATH, STORE_PATH};
 use lps_testkit::{ChildService, eventually, http1_client};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_rast-simulator");
@@ -17,16 +19,16 @@ async fn writes_its_journal_in_log_dir_and_stops_on_sigterm() {
     let mut sim = ChildService::start(
         Path::new(BINARY),
         &[
-            ("LOG_DIR", logs_str),
-            ("SIM_MODEL", "fixed"),
-            ("SIM_SERVICE_MS", "1"),
+            (ENV_LOG_DIR, logs_str),
+            (ENV_SIM_MODEL, "fixed"),
+            (ENV_SIM_SERVICE_MS, "1"),
         ],
         dir.path(),
     )
     .await
     .unwrap();
     let response = http1_client()
-        .post(sim.url("/ID_REQ_KC_STORE7D3BPACKET"))
+        .post(sim.url(STORE_PATH))
         .header("Request-Id", "31")
         .send()
         .await
@@ -34,7 +36,7 @@ async fn writes_its_journal_in_log_dir_and_stops_on_sigterm() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-pred-process-time"], "0.001000");
     let health = http1_client()
-        .get(sim.url("/healthz"))
+        .get(sim.url(HEALTHZ_PATH))
         .send()
         .await
         .unwrap();

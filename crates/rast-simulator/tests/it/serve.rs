@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use lps_common::config::ENV_LOG_DIR;
+use lps_common::wire::STORE_PATH;
 use lps_testkit::{TestServer, eventually, h2c_client, http1_client};
 use rast_simulator::journal::{self, LedgerRecord};
 use rast_simulator::model::{self, Model};
@@ -22,7 +24,7 @@ impl Sim {
     /// [`rast_simulator::serve`] serves it, keeping a handle on its load.
     async fn start(model: Model) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let env = HashMap::from([("LOG_DIR", dir.path().to_str().unwrap())]);
+        let env = HashMap::from([(ENV_LOG_DIR, dir.path().to_str().unwrap())]);
         let args = Args {
             model: "zero".to_owned(),
             corr_max: 0,
@@ -173,10 +175,7 @@ async fn unknown_commands_are_404_and_duplicates_are_recorded_twice() {
 #[tokio::test]
 async fn speaks_http1_only() {
     let sim = Sim::start(Model::Zero).await;
-    let h2 = h2c_client()
-        .post(sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"))
-        .send()
-        .await;
+    let h2 = h2c_client().post(sim.server.url(STORE_PATH)).send().await;
     assert!(h2.is_err(), "the legacy backend must not accept h2c");
 }
 
@@ -214,7 +213,7 @@ async fn an_aborted_request_is_recorded_and_does_not_leak() {
         .timeout(Duration::from_millis(200))
         .build()
         .unwrap()
-        .post(sim.server.url("/ID_REQ_KC_STORE7D3BPACKET"))
+        .post(sim.server.url(STORE_PATH))
         .header("Request-Id", "7")
         .send()
         .await;
