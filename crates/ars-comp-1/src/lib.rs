@@ -10,6 +10,9 @@
 //! Answers 200 `{"status":"success","message":"Data published to Legacy System"}`, 4xx with
 //! a JSON error for missing or invalid input, 502/503/504 for a failure downstream.
 //!
+//! Each request is forwarded in a `simple` span (debug level) carrying its `request_id`, as
+//! every hop does, so `LOG=debug` and one grep for the id follow an alarm through the chain.
+//!
 //! Environment: the server and logging variables of `lps-common`, plus `TARGET_URL`
 //! (default `http://localhost:8080/ID_REQ_KC_STORE7D3BPACKET`), `USE_HTTP_2`,
 //! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`.
@@ -32,6 +35,7 @@ use lps_common::wire::LegacyMessage;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tracing::{Instrument, debug_span};
 
 /// The entry route.
 pub const SIMPLE_PATH: &str = "/api/v1/simple";
@@ -229,7 +233,9 @@ async fn simple(
         id: alarm.phone,
         request_id: None,
     };
-    Ok(upstream.relay(&message, &request_id).await)
+    // Debug level: below it the span is never built (one relaxed load per request).
+    let span = debug_span!("simple", %request_id);
+    Ok(upstream.relay(&message, &request_id).instrument(span).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when

@@ -4,7 +4,8 @@
 //! as `POST TARGET_URL` with the JSON object `{"id","body","request_id"}` and the
 //! `Request-Id` header, always over HTTP/1.1 since the legacy backend speaks nothing else.
 //! 200 `{"status":"success",...}` when the backend answered 2xx; 502/503/504 with a JSON
-//! error when it did not; 4xx with a JSON error for bad input.
+//! error when it did not; 4xx with a JSON error for bad input. Each request is forwarded in a
+//! `store` span (debug level) carrying its `request_id`.
 //!
 //! Environment: the server and logging variables of `lps-common`, plus `TARGET_URL`
 //! (default `http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET`), `SKIP_DNS_CACHE`,
@@ -26,7 +27,7 @@ use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{Instrument, debug_span, warn};
 
 /// Default target: the simulator on its usual port.
 pub const DEFAULT_TARGET: &str = "http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET";
@@ -109,7 +110,9 @@ async fn store(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let (message, request_id) = api::legacy_message(&headers, &body)?;
-    Ok(upstream.relay(&message, &request_id).await)
+    // Debug level: below it the span is never built (one relaxed load per request).
+    let span = debug_span!("store", %request_id);
+    Ok(upstream.relay(&message, &request_id).instrument(span).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when

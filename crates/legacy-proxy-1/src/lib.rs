@@ -69,7 +69,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, debug_span, error, info, warn};
 
 use crate::journal::Journal;
 
@@ -681,7 +681,9 @@ async fn store(
             ),
         ));
     }
-    let response = match bridge.publish(payload).await {
+    // Debug level: below it the span is never built (one relaxed load per request).
+    let span = debug_span!("store", %request_id);
+    let response = match bridge.publish(payload).instrument(span).await {
         Ok(()) => {
             debug!(%request_id, "published");
             api::success()

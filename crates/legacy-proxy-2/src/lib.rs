@@ -77,7 +77,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, Span, debug, debug_span, error, field, info, warn};
 
 /// How long a stopping bridge keeps the connection after its last acknowledgement.
 const ACK_SETTLE: Duration = Duration::from_millis(200);
@@ -617,7 +617,21 @@ impl Bridge {
             .map_err(|e| e.to_string())
     }
 
+    /// Handles one message in a `message` span (debug level: below it the span is never
+    /// built) carrying its `request_id` once the payload yields one, like every hop.
     async fn handle(&self, path: Path, inbound: Inbound) {
+        let span = debug_span!(
+            "message",
+            request_id = field::Empty,
+            topic = %inbound.packet.topic_name,
+            ?path,
+        );
+        self.handle_in(path, inbound, &span)
+            .instrument(span.clone())
+            .await;
+    }
+
+    async fn handle_in(&self, path: Path, inbound: Inbound, span: &Span) {
         let Inbound { packet, token } = inbound;
         self.metrics.received.inc();
         self.metrics.in_flight.inc();
@@ -626,7 +640,7 @@ impl Bridge {
             .unwrap_or(1u32);
         // The token stays out here: a panic below must not drop it (a dropped token sends
         // an error PUBREC, and the broker discards the message).
-        let verdict = AssertUnwindSafe(self.attempt(path, &packet))
+        let verdict = AssertUnwindSafe(self.attempt(path, &packet, span))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -648,11 +662,12 @@ impl Bridge {
 
     /// One forwarding attempt; on the retry path only once the message is due and the
     /// pacer lets it through.
-    async fn attempt(&self, path: Path, packet: &PublishPacket) -> Verdict {
+    async fn attempt(&self, path: Path, packet: &PublishPacket, span: &Span) -> Verdict {
         let request_id = match self.validate(&packet.payload) {
             Ok(id) => id,
             Err((reason, detail)) => return Verdict::DeadLetter(reason, detail),
         };
+        span.record("request_id", field::display(&request_id));
         let _trial = match path {
             Path::Traffic => None,
             Path::Retry => {

@@ -6,7 +6,8 @@
 //! `X-Pred-Process-Time` (seconds predicted). An unknown command is 404
 //! `Command not found`. The request uid is the `Request-Id` header verbatim, else a random
 //! UUID. Every arrival is written to `ars_simulation.log` (upstream's format) and to a
-//! JSON-lines ledger, see [`journal`]. Speaks HTTP/1.1 only, like the real backend.
+//! JSON-lines ledger, see [`journal`]. Speaks HTTP/1.1 only, like the real backend. Each
+//! request is processed in a `command` span (debug level) carrying its `request_id`.
 //!
 //! Environment: `HTTP_HOST`, `HTTP_PORT` (default 1337), `LOG_DIR` (folder of the
 //! simulation log and ledger; default the working directory), plus the logging variables
@@ -38,7 +39,7 @@ use lps_common::{CancellationToken, Registry, finish_router, service};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::info;
+use tracing::{Instrument, debug_span, info};
 
 use crate::journal::{Entry, Journal, LedgerRecord, epoch_us};
 use crate::model::{Load, Model};
@@ -347,6 +348,22 @@ async fn command(
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    // Debug level: below it the span is never built (one relaxed load per request).
+    let span = debug_span!("command", request_id = %uid, cmd = %name);
+    process_command(&sim, name, version, uid, start, arrived)
+        .instrument(span)
+        .await
+}
+
+/// Records, processes and answers one command (the body of [`command`], in its span).
+async fn process_command(
+    sim: &Simulator,
+    name: String,
+    version: Version,
+    uid: String,
+    start: Instant,
+    arrived: SystemTime,
+) -> Response {
     let mut record = LedgerRecord {
         uid,
         cmd: name,
