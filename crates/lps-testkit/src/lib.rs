@@ -7,7 +7,10 @@
 //!   body) and answers with a chosen status after a chosen delay.
 //! - [`ChildService`]: a service binary started as a real process on an ephemeral port,
 //!   its address read from its `listening` log line, killed when dropped.
-//! - [`eventually`]: polls a condition against a deadline instead of sleeping.
+//! - [`eventually`]: polls a condition against a deadline instead of sleeping;
+//!   [`wait_ready`]: until a `/readyz` (or `/healthz`) answers 2xx.
+//! - [`scrape`] fetches a service's `/metrics`; [`metric`] reads one series of it by name
+//!   and labels.
 //! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
 //!   ports, behind the [`Broker`] trait so a test can run against both.
 //! - [`pki::TestPki`] and [`mosquitto::Mosquitto::start_secure`]: certificates generated
@@ -51,6 +54,7 @@ use lps_common::config::{
     ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_LOG_FORMAT, ENV_MQTT_HOST, ENV_MQTT_PORT,
 };
 use lps_common::server::{self, Protocols};
+use lps_common::wire::METRICS_PATH;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -130,6 +134,11 @@ impl TestServer {
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Its `/metrics` text ([`scrape`]).
+    pub async fn metrics(&self) -> String {
+        scrape(&self.url("")).await
     }
 
     /// Fires the shutdown token, as SIGTERM would, and waits until the server drained and
@@ -264,6 +273,83 @@ pub fn h2c_client() -> reqwest::Client {
         .http2_prior_knowledge()
         .build()
         .expect("client")
+}
+
+/// The value of one series of a Prometheus text exposition: the sample named `name` (a
+/// counter with its `_total`) whose labels are exactly `labels`, in any order. `None` when
+/// there is no such series. Asserting by name and labels, not by substring, keeps a test
+/// from matching a longer name or another label set.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(series, _)| match series.split_once('{') {
+            None => *series == name && labels.is_empty(),
+            Some((n, rest)) => {
+                n == name
+                    && rest.strip_suffix('}').is_some_and(|set| {
+                        let found = parse_labels(set);
+                        found.len() == labels.len()
+                            && labels
+                                .iter()
+                                .all(|(k, v)| found.iter().any(|(fk, fv)| fk == k && fv == v))
+                    })
+            }
+        })
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+/// `k="v",k2="v2"` (values with `\"` and `\\` escapes) as pairs.
+fn parse_labels(set: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = set;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(if escaped == 'n' { '\n' } else { escaped });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        pairs.push((key.trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end..];
+    }
+    pairs
+}
+
+/// `GET {base}/metrics`: the Prometheus text of the service at `base`
+/// (`http://127.0.0.1:PORT`). Panics unless it answers 200.
+pub async fn scrape(base: &str) -> String {
+    let response = http1_client()
+        .get(format!("{base}{METRICS_PATH}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {base}{METRICS_PATH}: {e}"));
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "GET {base}{METRICS_PATH}"
+    );
+    response.text().await.expect("metrics text")
+}
+
+/// Waits until `GET url` (a `/readyz` or `/healthz`) answers 2xx, at most `within`.
+pub async fn wait_ready(url: &str, within: Duration) {
+    eventually(&format!("{url} ready"), within, || async {
+        let response = http1_client().get(url).send().await.ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `within` naming `what`.
@@ -415,5 +501,34 @@ impl ChildService {
     /// Waits for the process to exit, at most `within`.
     pub async fn wait(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         Ok(tokio::time::timeout(within, self.child.wait()).await??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_reads_a_series_by_name_and_exact_labels() {
+        let text = "# HELP x_total X.\n# TYPE x_total counter\n\
+                    x_total{route=\"/a\",status=\"200\"} 3\n\
+                    x_total{route=\"/a\",status=\"200\",version=\"HTTP/2.0\"} 4\n\
+                    x_total_more 9\nx_total 5\nq{v=\"a \\\"b\\\", c\"} 1.5\n";
+        assert_eq!(metric(text, "x_total", &[]), Some(5.0));
+        assert_eq!(
+            metric(text, "x_total", &[("status", "200"), ("route", "/a")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric(
+                text,
+                "x_total",
+                &[("route", "/a"), ("status", "200"), ("version", "HTTP/2.0")]
+            ),
+            Some(4.0)
+        );
+        assert_eq!(metric(text, "x_total", &[("route", "/b")]), None);
+        assert_eq!(metric(text, "x", &[]), None);
+        assert_eq!(metric(text, "q", &[("v", "a \"b\", c")]), Some(1.5));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ars_comp_1::SIMPLE_PATH;
 use http::StatusCode;
 use lps_common::config::{ENV_LOG_DIR, ENV_MAX_BODY_BYTES, ENV_TARGET_URL, ENV_USE_HTTP_2};
-use lps_common::wire::{METRICS_PATH, STORE_PATH};
+use lps_common::wire::STORE_PATH;
 use lps_testkit::{Recorder, TestServer, eventually, http1_client};
 use rast_simulator::journal;
 use serde_json::json;
@@ -73,18 +73,15 @@ async fn the_chain_delivers_to_the_simulator_with_ids_and_protocols_intact() {
     }
 
     // ars-comp-2 was reached over h2c.
-    let metrics = client
-        .get(ac2.url(METRICS_PATH))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(
-            r#"http_requests_total{route="/ID_REQ_KC_STORE7D3BPACKET",status="200",version="HTTP/2.0"} 20"#
-        ),
+    let metrics = ac2.metrics().await;
+    let labels = [
+        ("route", STORE_PATH),
+        ("status", "200"),
+        ("version", "HTTP/2.0"),
+    ];
+    assert_eq!(
+        lps_testkit::metric(&metrics, "http_requests_total", &labels),
+        Some(20.0),
         "{metrics}"
     );
     // The simulator was reached over HTTP/1.1, once per id, with the id as its UID.

@@ -15,7 +15,7 @@ use lps_common::config::{
     ENV_SERVICE_NAME, ENV_SHUTDOWN_GRACE_SECS, ENV_SUBSCRIBER_PROBE, ENV_TARGET_URL,
 };
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
-use lps_common::wire::{METRICS_PATH, READYZ_PATH};
+use lps_common::wire::READYZ_PATH;
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
 
@@ -77,8 +77,8 @@ async fn post(url: &str, id: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn wait_ready(server: &TestServer) {
-    restart::ready_within(&server.url(READYZ_PATH), Duration::from_secs(20)).await;
+async fn admitting(server: &TestServer) {
+    lps_testkit::wait_ready(&server.url(READYZ_PATH), Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +86,7 @@ async fn publishes_the_message_and_answers_after_the_handshake() {
     let broker = Mosquitto::start().await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     let response = post(&lp1.url(PATH), "4242").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["request-id"], "4242");
@@ -118,7 +118,7 @@ async fn without_a_broker_it_answers_503_and_recovers_by_itself() {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     broker.restart().await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     assert_eq!(post(&lp1.url(PATH), "2").await.status(), StatusCode::OK);
 }
 
@@ -145,7 +145,7 @@ async fn requests_wait_for_a_subscriber_to_answer_the_probe() {
     let env: HashMap<String, String> = env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let config = legacy_proxy_2::Config::from_lookup(&env).unwrap();
     let lp2 = TestServer::serve(|l, s| legacy_proxy_2::serve(config, l, s)).await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     assert_eq!(post(&lp1.url(PATH), "2").await.status(), StatusCode::OK);
     eventually("forwarded", Duration::from_secs(10), || {
         let n = backend.requests().len();
@@ -168,7 +168,7 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
     let broker = Mosquitto::start_with(&["max_inflight_messages 1"]).await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     let url = lp1.url(PATH);
     let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(1..=300)
         .map(|i| {
@@ -207,14 +207,7 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
         acknowledged.len() >= 250,
         "most requests get through a window of 1: {refused} refused"
     );
-    let metrics = http1_client()
-        .get(lp1.url(METRICS_PATH))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = lp1.metrics().await;
     assert!(
         !metrics.contains("outcome=\"refused\""),
         "the broker never had to refuse a message: {metrics}"
@@ -240,20 +233,7 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
     .await
     .unwrap();
     let url = service.url(PATH);
-    eventually("ready", Duration::from_secs(20), || {
-        let url = service.url(READYZ_PATH);
-        async move {
-            http1_client()
-                .get(url)
-                .send()
-                .await
-                .ok()?
-                .status()
-                .is_success()
-                .then_some(())
-        }
-    })
-    .await;
+    lps_testkit::wait_ready(&service.url(READYZ_PATH), Duration::from_secs(20)).await;
     let load = tokio::spawn(async move {
         futures_util::stream::iter(1..=2000)
             .map(|i| {
@@ -313,7 +293,7 @@ async fn a_message_larger_than_legacy_proxy_2_forwards_is_answered_413() {
         ],
     )
     .await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     let big = format!(r#"{{"id":"070010","body":"{}"}}"#, "x".repeat(300));
     let response = http1_client()
         .post(lp1.url(PATH))

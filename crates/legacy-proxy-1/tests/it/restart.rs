@@ -15,7 +15,7 @@ use lps_common::config::{
 use lps_common::mqtt::mqtt5::{Message, MqttClient, QoS, SubscribeOptions};
 use lps_common::wire::{PROBE_PROPERTY, READYZ_PATH};
 use lps_testkit::mosquitto::{Mosquitto, free_port};
-use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
+use lps_testkit::{ChildService, Recorder, TestServer, http1_client, wait_ready};
 
 const PATH: &str = lps_common::wire::STORE_PATH;
 
@@ -47,21 +47,6 @@ async fn foreign_subscriber(port: u16) -> (MqttClient, Arc<Mutex<Vec<Message>>>)
             .unwrap();
     }
     (client, seen)
-}
-
-/// Waits until `url` (a `/readyz`) answers 200, at most `within`.
-pub(crate) async fn ready_within(url: &str, within: Duration) {
-    eventually("legacy-proxy-1 ready", within, || async {
-        http1_client()
-            .get(url)
-            .send()
-            .await
-            .ok()?
-            .status()
-            .is_success()
-            .then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +83,7 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
     let mut lp1 = ChildService::start(binary, &lp1_env, dir.path())
         .await
         .unwrap();
-    ready_within(&lp1.url(READYZ_PATH), Duration::from_secs(20)).await;
+    wait_ready(&lp1.url(READYZ_PATH), Duration::from_secs(20)).await;
     let url = lp1.url(PATH);
     let client = http1_client();
     let acknowledged = futures_util::stream::iter(0..3000)
@@ -129,7 +114,7 @@ async fn restarted_during_a_backlog_of_thousands_it_is_ready_within_seconds() {
     let lp1 = ChildService::start(binary, &lp1_env, dir.path())
         .await
         .unwrap();
-    ready_within(&lp1.url(READYZ_PATH), Duration::from_secs(5)).await;
+    wait_ready(&lp1.url(READYZ_PATH), Duration::from_secs(5)).await;
     let took = restarted_at.elapsed();
     let status = http1_client()
         .post(lp1.url(PATH))

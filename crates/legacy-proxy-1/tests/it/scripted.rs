@@ -9,11 +9,9 @@ use lps_common::config::{
     ENV_MQTT_MAX_INFLIGHT, ENV_MQTT_QOS, ENV_MQTT_RECONNECT_MAX_MS, ENV_PUBLISH_TIMEOUT_MS,
     ENV_SUBSCRIBER_PROBE,
 };
-use lps_common::wire::METRICS_PATH;
-use lps_testkit::http1_client;
 use lps_testkit::scripted::{Qos2, Script, ScriptedBroker};
 
-use super::{Lp1, PATH, lp1, post, wait_ready};
+use super::{Lp1, PATH, admitting, lp1, post};
 
 const SETTINGS: [(&str, &str); 2] = [
     (ENV_SUBSCRIBER_PROBE, "false"),
@@ -24,7 +22,7 @@ async fn start(script: Script, extra: &[(&str, &str)]) -> (ScriptedBroker, Lp1) 
     let broker = ScriptedBroker::start(script).await;
     let env: Vec<_> = SETTINGS.iter().chain(extra).copied().collect();
     let lp1 = lp1(lps_testkit::Broker::port(&broker), &env).await;
-    wait_ready(&lp1).await;
+    admitting(&lp1).await;
     (broker, lp1)
 }
 
@@ -42,19 +40,9 @@ async fn assert_unavailable(response: reqwest::Response) {
 /// `mqtt_publishes_total{outcome="<outcome>"}` from `/metrics`, by name and label (0 when
 /// absent).
 async fn publishes(lp1: &Lp1, outcome: &str) -> u64 {
-    let text = http1_client()
-        .get(lp1.url(METRICS_PATH))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("mqtt_publishes_total{{outcome=\"{outcome}\"}}");
-    text.lines()
-        .filter_map(|line| line.split_once(' '))
-        .find(|(name, _)| *name == series)
-        .map_or(0, |(_, value)| value.trim().parse().unwrap())
+    let text = lp1.metrics().await;
+    lps_testkit::metric(&text, "mqtt_publishes_total", &[("outcome", outcome)])
+        .map_or(0, |v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

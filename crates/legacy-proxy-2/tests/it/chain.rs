@@ -109,7 +109,7 @@ async fn chain(broker: &dyn Broker) {
 
     let mut shares = Vec::new();
     for lp2 in &lp2s {
-        shares.push(lp2.counter("bridge_forwarded_total").await);
+        shares.push(lp2.counter("bridge_forwarded_total", &[]).await);
     }
     println!("forwarded per legacy-proxy-2: {shares:?}");
     assert_eq!(shares.iter().sum::<f64>(), 1000.0);

@@ -27,7 +27,7 @@ async fn dead_letters_survive_restarts_of_the_broker_and_legacy_proxy_2_and_repl
     let statuses = harness::send(&lp1.server.url(PATH), ids.clone(), 5).await;
     assert_eq!(harness::acknowledged(&statuses).len(), 5);
     eventually("five dead letters", Duration::from_secs(20), || async {
-        (lp2.counter("bridge_dead_lettered_total{reason=\"rejected\"}")
+        (lp2.counter("bridge_dead_lettered_total", &[("reason", "rejected")])
             .await
             >= 5.0)
             .then_some(())

@@ -80,10 +80,10 @@ async fn a_broker_killed_mid_load_loses_no_acknowledged_request() {
         "broker kill: {} acknowledged, {refused} answered 503, {} arrived, {duplicates} duplicates, replayed {}",
         acknowledged.len(),
         arrivals.len(),
-        lp1.counter("mqtt_replayed_total").await
+        lp1.counter("mqtt_replayed_total", &[]).await
     );
     assert!(
-        lp1.counter("mqtt_connected").await >= 1.0,
+        lp1.counter("mqtt_connected", &[]).await >= 1.0,
         "legacy-proxy-1 reconnected by itself"
     );
 }
@@ -180,8 +180,8 @@ async fn downstream_down(broker: &dyn lps_testkit::Broker) {
         "messages on the retry path",
         Duration::from_secs(20),
         || async {
-            (lp2a.counter("bridge_retried_total").await
-                + lp2b.counter("bridge_retried_total").await
+            (lp2a.counter("bridge_retried_total", &[]).await
+                + lp2b.counter("bridge_retried_total", &[]).await
                 >= 30.0)
                 .then_some(())
         },
@@ -251,12 +251,12 @@ async fn dead_letters(broker: &dyn lps_testkit::Broker) {
         );
     }
     assert_eq!(
-        lp2.counter("bridge_retried_total").await,
+        lp2.counter("bridge_retried_total", &[]).await,
         10.0,
         "two retries for each of five"
     );
     assert_eq!(
-        lp2.counter("bridge_dead_lettered_total{reason=\"max_attempts\"}")
+        lp2.counter("bridge_dead_lettered_total", &[("reason", "max_attempts")])
             .await,
         5.0
     );

@@ -9,7 +9,7 @@ use lps_common::config::{
     ENV_LOG_DIR, ENV_MQTT_TOPIC, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_TARGET_URL,
 };
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
-use lps_common::wire::{METRICS_PATH, READYZ_PATH};
+use lps_common::wire::READYZ_PATH;
 use lps_testkit::{Broker, TestServer};
 use rast_simulator::journal;
 use rast_simulator::model::Model;
@@ -39,29 +39,13 @@ impl Running {
 
     /// The bridge's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        lps_testkit::http1_client()
-            .get(self.server.url(METRICS_PATH))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.server.metrics().await
     }
 
-    /// One counter's value from `/metrics`.
-    pub async fn counter(&self, line_prefix: &str) -> f64 {
-        metric(&self.metrics().await, line_prefix)
+    /// One series of `/metrics` by name and labels (0 when absent).
+    pub async fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        lps_testkit::metric(&self.metrics().await, name, labels).unwrap_or(0.0)
     }
-}
-
-/// The value of the first metric line starting with `prefix` (0 when absent).
-pub fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// legacy-proxy-1 `name` publishing to `topic`.
@@ -98,15 +82,7 @@ pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, 
 /// Waits until `/readyz` of each service answers 200.
 pub async fn ready(services: &[&Running]) {
     for service in services {
-        let url = service.server.url(READYZ_PATH);
-        lps_testkit::eventually("bridge ready", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let response = lps_testkit::http1_client().get(url).send().await.ok()?;
-                response.status().is_success().then_some(())
-            }
-        })
-        .await;
+        lps_testkit::wait_ready(&service.server.url(READYZ_PATH), Duration::from_secs(20)).await;
     }
 }
 

@@ -103,11 +103,11 @@ async fn poison(broker: &dyn lps_testkit::Broker) {
         );
     }
     assert_eq!(
-        lp2.counter("bridge_dead_lettered_total{reason=\"not_json\"}")
+        lp2.counter("bridge_dead_lettered_total", &[("reason", "not_json")])
             .await,
         2.0
     );
-    assert_eq!(lp2.counter("bridge_forwarded_total").await, 1.0);
+    assert_eq!(lp2.counter("bridge_forwarded_total", &[]).await, 1.0);
 }
 
 /// Delivers `count` messages through one legacy-proxy-2 with `receive_maximum` to a
@@ -137,7 +137,9 @@ async fn deliver(receive_maximum: &str, count: usize, delay: Duration) -> Durati
     eventually(
         "every message forwarded",
         Duration::from_secs(60),
-        || async { (lp2.counter("bridge_forwarded_total").await >= count as f64).then_some(()) },
+        || async {
+            (lp2.counter("bridge_forwarded_total", &[]).await >= count as f64).then_some(())
+        },
     )
     .await;
     let took = started.elapsed();

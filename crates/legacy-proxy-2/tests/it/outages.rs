@@ -75,8 +75,8 @@ async fn outage(broker: &dyn Broker, what: &str, concurrency: u64, pause: Durati
     .await;
     ac2.stop().await;
     tokio::time::sleep(OUTAGE).await;
-    let retried =
-        lp2a.counter("bridge_retried_total").await + lp2b.counter("bridge_retried_total").await;
+    let retried = lp2a.counter("bridge_retried_total", &[]).await
+        + lp2b.counter("bridge_retried_total", &[]).await;
     let _ac2 = harness::ars_comp_2_on(ac2_addr, &sim_url).await;
     let before = sim.arrivals().len();
     eventually("traffic flowing again", Duration::from_secs(20), || async {
@@ -212,11 +212,11 @@ async fn one_always_failing_message_does_not_hold_back_a_thousand_good_ones() {
     )
     .await;
     assert_eq!(
-        lp2.counter("bridge_retry_waiting").await,
+        lp2.counter("bridge_retry_waiting", &[]).await,
         1.0,
         "the failing message is on the retry path, waiting"
     );
-    assert_eq!(lp2.counter("bridge_forwarded_total").await, 1000.0);
+    assert_eq!(lp2.counter("bridge_forwarded_total", &[]).await, 1000.0);
     let metrics = lp2.metrics().await;
     assert!(
         !metrics.contains("bridge_dead_lettered_total{"),
@@ -259,7 +259,7 @@ async fn a_broker_killed_twice_during_the_replay_loses_no_acknowledged_request()
         "legacy-proxy-1 replaying",
         Duration::from_secs(20),
         || async {
-            let pending = lp1.counter("mqtt_replay_pending").await;
+            let pending = lp1.counter("mqtt_replay_pending", &[]).await;
             (pending > 0.0).then_some(pending)
         },
     )
@@ -280,6 +280,6 @@ async fn a_broker_killed_twice_during_the_replay_loses_no_acknowledged_request()
     println!(
         "broker SIGKILL twice, the second with {pending} messages still to replay: {} acknowledged, 0 lost, {duplicates} duplicates, {} replayed",
         acknowledged.len(),
-        lp1.counter("mqtt_replayed_total").await
+        lp1.counter("mqtt_replayed_total", &[]).await
     );
 }

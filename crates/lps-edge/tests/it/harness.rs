@@ -10,7 +10,6 @@ use lps_common::config::{
     ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_PROXY_PORT,
     ENV_SHUTDOWN_GRACE_SECS,
 };
-use lps_common::wire::METRICS_PATH;
 use lps_edge::{Config, Listeners};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -82,9 +81,7 @@ impl Edge {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let (status, _, body) = http_get(self.http, METRICS_PATH).await;
-        assert_eq!(status, 200);
-        String::from_utf8(body).unwrap()
+        lps_testkit::scrape(&format!("http://{}", self.http)).await
     }
 
     /// One series of `/metrics`, by exact name and labels (0 when absent).
@@ -115,14 +112,18 @@ impl Drop for Edge {
     }
 }
 
-/// The value of the series `name{labels}` exactly as written (0 when absent).
+/// The value of the series `name{labels}` as written here (0 when absent), read by name
+/// and labels with [`lps_testkit::metric`]. The label values here hold no `,` or `"`.
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(s, _)| *s == series)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0.0)
+    let (name, labels) = series.split_once('{').map_or((series, ""), |(name, rest)| {
+        (name, rest.trim_end_matches('}'))
+    });
+    let labels: Vec<(&str, &str)> = labels
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (key, value.trim_matches('"')))
+        .collect();
+    lps_testkit::metric(text, name, &labels).unwrap_or(0.0)
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
