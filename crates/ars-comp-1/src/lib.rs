@@ -17,6 +17,10 @@
 //! (default `http://localhost:8080/ID_REQ_KC_STORE7D3BPACKET`), `USE_HTTP_2`,
 //! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`.
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -28,7 +32,7 @@ use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::request_id::RequestId;
-use lps_common::server::{Protocols, shutdown_on_signals};
+use lps_common::server::shutdown_on_signals;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::LegacyMessage;
@@ -200,17 +204,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry)?);
-    let app = app(upstream, registry, config.server.max_body_bytes);
-    service::serve(
-        listener,
-        &config.server,
-        app,
-        Protocols::Http1AndH2c,
-        shutdown,
-    )
-    .await
+    service::serve_relay(&config.server, &config.upstream, app, listener, shutdown).await
 }
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.

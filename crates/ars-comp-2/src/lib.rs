@@ -12,6 +12,10 @@
 //! `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`. `USE_HTTP_2` is
 //! ignored on the outbound side (a warning says so); inbound accepts HTTP/1.1 and h2c.
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -21,7 +25,7 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::server::{Protocols, shutdown_on_signals};
+use lps_common::server::shutdown_on_signals;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
@@ -85,17 +89,7 @@ pub async fn serve(
     if config.http2_requested {
         warn!("USE_HTTP_2 is ignored: the legacy backend speaks HTTP/1.1 only");
     }
-    let mut registry = Registry::default();
-    let upstream = Arc::new(Upstream::new(&config.upstream, &mut registry)?);
-    let app = app(upstream, registry, config.server.max_body_bytes);
-    service::serve(
-        listener,
-        &config.server,
-        app,
-        Protocols::Http1AndH2c,
-        shutdown,
-    )
-    .await
+    service::serve_relay(&config.server, &config.upstream, app, listener, shutdown).await
 }
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.

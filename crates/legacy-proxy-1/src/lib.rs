@@ -36,6 +36,10 @@
 //! `MQTT_MAX_INFLIGHT`, `REPLAY_WINDOW_MS`, `REPLAY_JOURNAL_DIR`, `SUBSCRIBER_PROBE`,
 //! `MAX_PAYLOAD_BYTES`.
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod journal;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -42,6 +42,10 @@
 //! Serves `/healthz`, `/readyz` (all three clients connected and subscribed) and
 //! `/metrics` on `HTTP_PORT`.
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -17,6 +17,10 @@
 //! `SKIP_DNS_CACHE`, `CONNECT_TIMEOUT_MS`, `REQUEST_TIMEOUT_SECS`, `TARGET_COOLDOWN_MS`, and
 //! the broker settings of [`mqtt`] (`MQTT_*`, including the secure-link ones).
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod api;
 pub mod config;
 pub mod dead_letters;

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,9 +24,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::Registry;
 use crate::config::{Env, Lookup, ProcessEnv, ServerConfig};
 use crate::server::{self, Protocols};
 use crate::telemetry::{self, TelemetryConfig};
+use crate::upstream::{Upstream, UpstreamConfig};
 
 /// The first argument that turns a service binary into its health probe.
 pub const HEALTHCHECK_ARG: &str = "healthcheck";
@@ -107,6 +110,25 @@ pub async fn serve(
     )
     .await
     .context("serving HTTP")
+}
+
+/// The router of a relay: its routes over the outbound client, given the metrics registry
+/// and the body limit (`ars_comp_1::app`, `ars_comp_2::app`).
+pub type RelayApp = fn(Arc<Upstream>, Registry, usize) -> Router;
+
+/// What a relay's `serve` does: builds the outbound client of `upstream` once, then serves
+/// `app` over it on `listener` (HTTP/1.1 and h2c) until `shutdown` fires, then drains.
+pub async fn serve_relay(
+    server: &ServerConfig,
+    upstream: &UpstreamConfig,
+    app: RelayApp,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let upstream = Arc::new(Upstream::new(upstream, &mut registry)?);
+    let app = app(upstream, registry, server.max_body_bytes);
+    serve(listener, server, app, Protocols::Http1AndH2c, shutdown).await
 }
 
 /// If the process was started as `<binary> healthcheck [PATH]`, probes the service that

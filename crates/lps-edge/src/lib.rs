@@ -27,6 +27,10 @@
 //! `PROXY_CONNECT_TIMEOUT_MS`, `PROXY_RESPONSE_TIMEOUT_MS`, `PROXY_IDLE_TIMEOUT_MS`
 //! ([`config`] documents each).
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod config;
 pub mod dial;
 pub mod metrics;

@@ -19,6 +19,10 @@
 //!   it (PUBREC reason codes, a handshake that never completes, CONNACK Maximum QoS and
 //!   Receive Maximum), recording every packet it received.
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod embedded;
 pub mod mosquitto;
 pub mod pki;

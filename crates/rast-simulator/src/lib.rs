@@ -14,6 +14,10 @@
 //! of `lps-common`. Command line: `-m/--model`, `-c/--corr-max`, `--workers`,
 //! `--service-ms` (see `rast-simulator --help`).
 
+// Stricter than the workspace: a library documents what it exports, and `pub` means
+// exported (`pub(crate)` otherwise).
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod commands;
 pub mod journal;
 pub mod model;

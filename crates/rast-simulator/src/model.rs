@@ -23,7 +23,6 @@ const REQ_TYPE: f64 = 4.643_355_320_081_699e-5;
 
 /// Model 0's predicted processing time in seconds, clamped at 0.
 pub fn regression0(pr1: u64, pr3: u64, req_type: u32) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
     let y = INTERCEPT + PR1 * pr1 as f64 + PR3 * pr3 as f64 + REQ_TYPE * f64::from(req_type);
     y.max(0.0)
 }
