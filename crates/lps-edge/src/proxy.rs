@@ -74,6 +74,11 @@ impl ProxyState {
             .timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(64)
+            // hyper's default lets each destination connection's read buffer grow to about
+            // 400 KiB on large bodies, and keeps it while the connection idles in the pool:
+            // 100 connections of 1 MiB bodies held 150 MiB. Bounded as the server side is:
+            // a body then passes in chunks of at most this much.
+            .http1_max_buf_size(lps_common::server::MAX_READ_BUFFER)
             .build(connector);
         Self {
             h1: net::http1(config.idle_timeout),

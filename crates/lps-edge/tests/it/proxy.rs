@@ -404,3 +404,63 @@ async fn the_connection_limit_holds_new_connections_until_a_place_frees() {
     .await;
     assert_eq!(refused.0, 502, "{refused:?}");
 }
+
+/// Bodies much larger than the proxy's buffers (64 KiB each way) pass intact both ways,
+/// twice on one keep-alive connection: the forwarding streams them in bounded chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_buffers_stream_through_intact() {
+    const SIZE: usize = 3 << 20;
+    let pattern = |i: usize| (i * 31 % 251) as u8;
+    let app = Router::new()
+        .route(
+            "/big",
+            routing::get(move || async move { (0..SIZE).map(pattern).collect::<Vec<u8>>() }),
+        )
+        .route(
+            "/sum",
+            routing::post(|body: axum::body::Body| async move {
+                use http_body_util::BodyExt;
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let sum: u64 = bytes.iter().map(|&b| u64::from(b)).sum();
+                format!("{} {sum}", bytes.len())
+            }),
+        );
+    let backend = TestServer::start(app).await;
+    let port = backend.addr.port();
+    let port_list = port.to_string();
+    let edge = Edge::start(
+        1,
+        &[
+            (ENV_PROXY_ALLOWED_PORTS, &port_list),
+            (ENV_WS_ENABLED, "false"),
+        ],
+    )
+    .await;
+    let mut stream = TcpStream::connect(edge.proxy()).await.unwrap();
+    let mut buffer = BytesMut::new();
+    let upload: Vec<u8> = (0..SIZE / 2).map(pattern).collect();
+    let upload_sum: u64 = upload.iter().map(|&b| u64::from(b)).sum();
+    for _ in 0..2 {
+        stream
+            .write_all(get(port, "/big").as_bytes())
+            .await
+            .unwrap();
+        let response = read_response(&mut stream, &mut buffer).await;
+        assert_eq!(response.0, 200);
+        assert_eq!(response.2.len(), SIZE);
+        assert!(response.2.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        let head = format!(
+            "POST http://127.0.0.1:{port}/sum HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Length: {}\r\n\r\n",
+            upload.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&upload).await.unwrap();
+        let response = read_response(&mut stream, &mut buffer).await;
+        assert_eq!(response.0, 200);
+        assert_eq!(
+            String::from_utf8(response.2).unwrap(),
+            format!("{} {upload_sum}", upload.len())
+        );
+    }
+}
