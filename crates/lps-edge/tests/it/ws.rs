@@ -438,14 +438,28 @@ async fn shutdown_closes_bridges_with_going_away() {
 }
 
 /// The seed's own client, paho-mqtt over WebSocket, MQTT 3.1.1 and 5, at 100 msg/s:
-/// every message arrives in order and neither client disconnects. Needs a Python with
-/// paho-mqtt, so it is not part of the default run:
-/// `LPS_PAHO_PYTHON=/path/to/python cargo test -p lps-edge --test it -- --ignored paho`
-/// (`EDGE_SOAK_SECS=60` for the seed's 60 s).
+/// every message arrives in order and neither client disconnects. The Python is
+/// `LPS_PAHO_PYTHON`, else the one of the Locust venv (`scripts/locust-env.sh`, which
+/// installs paho-mqtt with Locust); `EDGE_SOAK_SECS=60` for the seed's 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs LPS_PAHO_PYTHON: a Python with paho-mqtt"]
 async fn paho_the_seeds_client_publishes_through_the_edge() {
-    let python = std::env::var("LPS_PAHO_PYTHON").expect("LPS_PAHO_PYTHON");
+    let python = match std::env::var("LPS_PAHO_PYTHON") {
+        Ok(python) => python,
+        Err(_) => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/locust-env.sh");
+            let venv = tokio::time::timeout(
+                Duration::from_secs(300),
+                tokio::process::Command::new("bash").arg(script).output(),
+            )
+            .await
+            .expect("scripts/locust-env.sh within 5 minutes")
+            .expect("run scripts/locust-env.sh");
+            assert!(venv.status.success(), "scripts/locust-env.sh failed");
+            let locust = String::from_utf8_lossy(&venv.stdout);
+            let locust = std::path::Path::new(locust.lines().last().expect("its last line").trim());
+            locust.with_file_name("python").display().to_string()
+        }
+    };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho/seed_client.py");
     let broker = Mosquitto::start().await;
     let edge = Edge::start(broker.port, &[]).await;
