@@ -14,6 +14,7 @@ pub mod duration;
 pub mod experiment;
 pub mod faults;
 pub mod load;
+pub mod netem;
 pub mod records;
 pub mod signals;
 pub mod stale;

@@ -34,6 +34,11 @@ struct TopologyArgs {
     /// Simulator options, e.g. --sim-arg=-m --sim-arg=fixed.
     #[arg(long = "sim-arg", allow_hyphen_values = true)]
     sim_args: Vec<String>,
+    /// Network emulation on every hop upstream shaped: `--netem` is upstream's profile
+    /// (30 ms ± 3 ms, 5 Mbit/s, 0.01 % loss); `--netem=lan`, `--netem=none`, or a list such
+    /// as `--netem=delay=30ms,jitter=3ms,rate=5mbit,burst=18kb,loss=0.01%`.
+    #[arg(long, value_name = "PROFILE", num_args = 0..=1, require_equals = true, default_missing_value = "upstream")]
+    netem: Option<lps_netem::Profile>,
 }
 
 /// The alarm load.
@@ -118,8 +123,8 @@ struct ComposeArgs {
     /// Run against this compose file (docker-compose-legacy.yml, docker-compose-ng.yml) on
     /// the compose host ports instead of as local processes; repeat it for overrides
     /// (passed as one -f each, in order), e.g. --compose docker-compose-ng.yml --compose
-    /// docker-compose-netem.yml.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["broker", "sim_args"])]
+    /// docker-compose-netem.yml (which shapes with tc; `--netem` is for local runs).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["broker", "sim_args", "netem"])]
     compose: Vec<PathBuf>,
     #[command(flatten)]
     command: ComposeCommand,
@@ -353,6 +358,7 @@ fn options(args: &TopologyArgs) -> Options {
         ephemeral_ports: true,
         simulator_args: args.sim_args.clone(),
         http2: args.http2,
+        netem: args.netem.clone(),
         ..Options::default()
     }
 }
@@ -431,6 +437,7 @@ fn main() -> ExitCode {
             Program::LegacyProxy2 => legacy_proxy_2::main(),
             Program::EmbeddedBroker => lps::embedded_broker_main(),
             Program::LpsEdge => lps_edge::main(),
+            Program::LpsNetem => lps_netem::main(),
             Program::Mosquitto => {
                 eprintln!("error: mosquitto is an external program; run it directly");
                 ExitCode::FAILURE

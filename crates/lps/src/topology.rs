@@ -14,6 +14,12 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use lps_common::config::{
+    ENV_BROKER_DATA, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC, ENV_PROXY_ALLOWED_PORTS,
+    ENV_PROXY_PORT, ENV_TARGET_URL, ENV_USE_HTTP_2, ENV_WS_ENABLED,
+};
+use lps_common::wire::{HEALTHZ_PATH, READYZ_PATH};
+
 /// Which topology to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Topology {
@@ -58,6 +64,9 @@ pub enum Program {
     /// The edge: MQTT over WebSocket into the broker, and an HTTP forward proxy.
     #[value(name = "lps-edge")]
     LpsEdge,
+    /// A shaping relay of `--netem` (network emulation).
+    #[value(name = "lps-netem")]
+    LpsNetem,
 }
 
 impl Program {
@@ -72,6 +81,7 @@ impl Program {
             Self::Mosquitto => "mosquitto",
             Self::EmbeddedBroker => "embedded-broker",
             Self::LpsEdge => "lps-edge",
+            Self::LpsNetem => "lps-netem",
         }
     }
 }
@@ -139,6 +149,8 @@ pub struct Options {
     pub http2: bool,
     /// Also run the edge (`lps up --edge`).
     pub edge: bool,
+    /// Network emulation (`--netem`): a shaping relay on every shaped hop ([`crate::netem`]).
+    pub netem: Option<lps_netem::Profile>,
 }
 
 /// The environment of replica `i` of a tier.
@@ -200,7 +212,7 @@ pub fn services(
         sim_port,
         vec![],
         false,
-        Health::Http("/healthz"),
+        Health::Http(HEALTHZ_PATH),
     );
     sim.args.clone_from(&options.simulator_args);
     let mut specs = vec![sim];
@@ -213,9 +225,9 @@ pub fn services(
                 env: &TierEnv<'_>| {
         for i in 1..=3u16 {
             let (entry, health) = match program {
-                Program::ArsComp1 => (true, Health::Http("/healthz")),
-                Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http("/readyz")),
-                _ => (false, Health::Http("/healthz")),
+                Program::ArsComp1 => (true, Health::Http(HEALTHZ_PATH)),
+                Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http(READYZ_PATH)),
+                _ => (false, Health::Http(HEALTHZ_PATH)),
             };
             let env = env(ports, i);
             specs.push(spec(
@@ -229,7 +241,7 @@ pub fn services(
         }
     };
     let relay_to = |hop: u16| {
-        move |ports: &mut Ports<'_>, i: u16| vec![("TARGET_URL", url(ports.get(hop + i)))]
+        move |ports: &mut Ports<'_>, i: u16| vec![(ENV_TARGET_URL, url(ports.get(hop + i)))]
     };
     // The broker the edge bridges WebSockets to (NG only).
     let mut edge_broker: Option<(String, u16)> = None;
@@ -241,7 +253,7 @@ pub fn services(
                 "ars-comp-2",
                 Program::ArsComp2,
                 8080,
-                &|_, _| vec![("TARGET_URL", url(sim_port))],
+                &|_, _| vec![(ENV_TARGET_URL, url(sim_port))],
             );
         }
         Topology::Ng => {
@@ -264,8 +276,8 @@ pub fn services(
                 Some(Broker::Embedded { data }) => {
                     let port = ports.get(1883);
                     let env = vec![
-                        ("MQTT_PORT", port.to_string()),
-                        ("BROKER_DATA", data.display().to_string()),
+                        (ENV_MQTT_PORT, port.to_string()),
+                        (ENV_BROKER_DATA, data.display().to_string()),
                     ];
                     specs.push(spec(
                         "embedded-broker".into(),
@@ -281,8 +293,8 @@ pub fn services(
             };
             edge_broker = Some((mqtt_host.clone(), mqtt_port));
             let mqtt = |mut env: Vec<(&'static str, String)>| {
-                env.push(("MQTT_HOST", mqtt_host.clone()));
-                env.push(("MQTT_PORT", mqtt_port.to_string()));
+                env.push((ENV_MQTT_HOST, mqtt_host.clone()));
+                env.push((ENV_MQTT_PORT, mqtt_port.to_string()));
                 env
             };
             tier(
@@ -291,7 +303,7 @@ pub fn services(
                 "ars-comp-2",
                 Program::ArsComp2,
                 9080,
-                &|_, _| vec![("TARGET_URL", url(sim_port))],
+                &|_, _| vec![(ENV_TARGET_URL, url(sim_port))],
             );
             tier(
                 &mut specs,
@@ -301,7 +313,7 @@ pub fn services(
                 9090,
                 &|ports, i| {
                     let mut env = mqtt(relay_to(9080)(ports, i));
-                    env.push(("USE_HTTP_2", http2.clone()));
+                    env.push((ENV_USE_HTTP_2, http2.clone()));
                     env
                 },
             );
@@ -311,7 +323,7 @@ pub fn services(
                 "proxy1",
                 Program::LegacyProxy1,
                 8080,
-                &|_, i| mqtt(vec![("MQTT_TOPIC", format!("proxy{i}/message"))]),
+                &|_, i| mqtt(vec![(ENV_MQTT_TOPIC, format!("proxy{i}/message"))]),
             );
         }
     }
@@ -325,14 +337,17 @@ pub fn services(
         7080,
         &|ports, i| {
             let mut env = relay_to(8080)(ports, i);
-            env.push(("USE_HTTP_2", http2.clone()));
+            env.push((ENV_USE_HTTP_2, http2.clone()));
             env
         },
     );
     if options.edge {
         specs.push(edge(&mut ports, &specs, edge_broker));
     }
-    specs
+    match &options.netem {
+        Some(profile) => crate::netem::shape(specs, profile, options.ephemeral_ports),
+        None => specs,
+    }
 }
 
 /// The edge (`lps-edge`) on 8000 (WebSocket, `/healthz`) and 3128 (proxy), bridging to
@@ -344,13 +359,13 @@ fn edge(
 ) -> ServiceSpec {
     let ws_port = ports.get(8000);
     let proxy_port = ports.get(3128);
-    let mut env = vec![("PROXY_PORT", proxy_port.to_string())];
+    let mut env = vec![(ENV_PROXY_PORT, proxy_port.to_string())];
     match broker {
         Some((host, port)) => {
-            env.push(("MQTT_HOST", host));
-            env.push(("MQTT_PORT", port.to_string()));
+            env.push((ENV_MQTT_HOST, host));
+            env.push((ENV_MQTT_PORT, port.to_string()));
         }
-        None => env.push(("WS_ENABLED", "false".to_owned())),
+        None => env.push((ENV_WS_ENABLED, "false".to_owned())),
     }
     if ports.options.port_offset != 0 || ports.options.ephemeral_ports {
         // The edge's default allow-list names the compose ports; moved ports are listed.
@@ -359,7 +374,7 @@ fn edge(
         allowed.sort_unstable();
         allowed.dedup();
         let allowed: Vec<String> = allowed.iter().map(u16::to_string).collect();
-        env.push(("PROXY_ALLOWED_PORTS", allowed.join(",")));
+        env.push((ENV_PROXY_ALLOWED_PORTS, allowed.join(",")));
     }
     spec(
         "edge".into(),
@@ -367,7 +382,7 @@ fn edge(
         ws_port,
         env,
         false,
-        Health::Http("/healthz"),
+        Health::Http(HEALTHZ_PATH),
     )
 }
 
@@ -381,6 +396,10 @@ pub fn free_port() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lps_common::config::{
+        ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_PORT,
+        ENV_TARGET_URL, ENV_WS_ENABLED,
+    };
 
     fn env<'a>(spec: &'a ServiceSpec, key: &str) -> &'a str {
         spec.env
@@ -407,7 +426,7 @@ mod tests {
         );
         assert_eq!(specs[5].port, 7082);
         assert_eq!(
-            env(&specs[5], "TARGET_URL"),
+            env(&specs[5], ENV_TARGET_URL),
             "http://127.0.0.1:8082/ID_REQ_KC_STORE7D3BPACKET"
         );
         assert_eq!(specs[0].port, 8084);
@@ -420,7 +439,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            env(&shifted[1], "TARGET_URL"),
+            env(&shifted[1], ENV_TARGET_URL),
             "http://127.0.0.1:8184/ID_REQ_KC_STORE7D3BPACKET"
         );
     }
@@ -435,20 +454,20 @@ mod tests {
         assert_eq!(by_name("mosquitto").port, 1883);
         assert_eq!(by_name("mosquitto").args, ["-c", "/run/m.conf"]);
         assert_eq!(
-            env(by_name("ars-comp-1-2"), "TARGET_URL"),
+            env(by_name("ars-comp-1-2"), ENV_TARGET_URL),
             "http://127.0.0.1:8082/ID_REQ_KC_STORE7D3BPACKET"
         );
         assert_eq!(by_name("proxy1-2").port, 8082);
-        assert_eq!(env(by_name("proxy1-2"), "MQTT_TOPIC"), "proxy2/message");
+        assert_eq!(env(by_name("proxy1-2"), ENV_MQTT_TOPIC), "proxy2/message");
         assert_eq!(
-            env(by_name("proxy2-3"), "TARGET_URL"),
+            env(by_name("proxy2-3"), ENV_TARGET_URL),
             "http://127.0.0.1:9083/ID_REQ_KC_STORE7D3BPACKET"
         );
         assert_eq!(
-            env(by_name("ars-comp-2-3"), "TARGET_URL"),
+            env(by_name("ars-comp-2-3"), ENV_TARGET_URL),
             "http://127.0.0.1:8084/ID_REQ_KC_STORE7D3BPACKET"
         );
-        assert_eq!(env(by_name("proxy2-1"), "MQTT_PORT"), "1883");
+        assert_eq!(env(by_name("proxy2-1"), ENV_MQTT_PORT), "1883");
         // Subscribers before publishers: legacy-proxy-1 admits traffic once one answers.
         let position = |n: &str| specs.iter().position(|s| s.name == n).unwrap();
         assert!(position("proxy2-3") < position("proxy1-1"));
@@ -462,7 +481,7 @@ mod tests {
         assert_eq!(
             env(
                 specs.iter().find(|s| s.name == "proxy1-1").unwrap(),
-                "MQTT_HOST"
+                ENV_MQTT_HOST
             ),
             "mq"
         );
@@ -480,27 +499,27 @@ mod tests {
         let specs = services(Topology::Ng, &with_edge, Some(&broker));
         let edge = specs.iter().find(|s| s.name == "edge").unwrap();
         assert_eq!((edge.program, edge.port), (Program::LpsEdge, 8000));
-        assert_eq!(env(edge, "PROXY_PORT"), "3128");
+        assert_eq!(env(edge, ENV_PROXY_PORT), "3128");
         assert_eq!(
-            (env(edge, "MQTT_HOST"), env(edge, "MQTT_PORT")),
+            (env(edge, ENV_MQTT_HOST), env(edge, ENV_MQTT_PORT)),
             ("127.0.0.1", "1883")
         );
         // Compose ports: the edge's default allow-list covers them.
-        assert_eq!(env(edge, "PROXY_ALLOWED_PORTS"), "");
+        assert_eq!(env(edge, ENV_PROXY_ALLOWED_PORTS), "");
         let moved = Options {
             port_offset: 100,
             ..with_edge.clone()
         };
         let specs = services(Topology::Ng, &moved, Some(&broker));
         let edge = specs.iter().find(|s| s.name == "edge").unwrap();
-        assert_eq!(env(edge, "PROXY_PORT"), "3228");
-        let allowed = env(edge, "PROXY_ALLOWED_PORTS");
+        assert_eq!(env(edge, ENV_PROXY_PORT), "3228");
+        let allowed = env(edge, ENV_PROXY_ALLOWED_PORTS);
         for port in ["80", "443", "1983", "7181", "8100", "8184", "9193"] {
             assert!(allowed.split(',').any(|p| p == port), "{port} in {allowed}");
         }
         let legacy = services(Topology::Legacy, &with_edge, None);
         let edge = legacy.iter().find(|s| s.name == "edge").unwrap();
-        assert_eq!(env(edge, "WS_ENABLED"), "false");
+        assert_eq!(env(edge, ENV_WS_ENABLED), "false");
         assert!(
             services(Topology::Legacy, &Options::default(), None)
                 .iter()

@@ -382,6 +382,8 @@ fn wiring(program: Program, service: &Service) -> Result<Wiring, String> {
             w.proxy = c.proxy.map(|p| p.addr.port());
         }
         Program::Mosquitto | Program::EmbeddedBroker => w.bind = mosquitto_listener(),
+        // `lps up --netem` only: compose shapes with tc sidecars (docker-compose-netem.yml).
+        Program::LpsNetem => return Err("lps-netem is not a compose service".to_owned()),
     }
     Ok(w)
 }

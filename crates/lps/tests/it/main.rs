@@ -9,5 +9,6 @@ mod kills;
 mod lifecycle;
 mod load;
 mod locust;
+mod netem;
 mod support;
 mod up;
