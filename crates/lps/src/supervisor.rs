@@ -22,6 +22,9 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lps_common::config::{
+    ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG, ENV_LOG_DIR, ENV_REPLAY_JOURNAL_DIR, ENV_SERVICE_NAME,
+};
 pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -174,7 +177,7 @@ impl Supervisor {
             command
                 .args(&spec.args)
                 .env_clear()
-                .env("SERVICE_NAME", &spec.name);
+                .env(ENV_SERVICE_NAME, &spec.name);
             command
         } else {
             let mut command = Command::new(&self.exe);
@@ -184,14 +187,14 @@ impl Supervisor {
                 .arg("--")
                 .args(&spec.args)
                 .env_clear()
-                .env("HTTP_HOST", "127.0.0.1")
-                .env("HTTP_PORT", spec.port.to_string())
-                .env("SERVICE_NAME", &spec.name)
-                .env("LOG_DIR", &self.logs);
+                .env(ENV_HTTP_HOST, "127.0.0.1")
+                .env(ENV_HTTP_PORT, spec.port.to_string())
+                .env(ENV_SERVICE_NAME, &spec.name)
+                .env(ENV_LOG_DIR, &self.logs);
             if spec.program == Program::LegacyProxy1 {
                 // The replay window on disk, beside the logs: a crash of the broker and
                 // the bridge together loses nothing (README, delivery guarantees).
-                command.env("REPLAY_JOURNAL_DIR", self.logs.join("journal"));
+                command.env(ENV_REPLAY_JOURNAL_DIR, self.logs.join("journal"));
             }
             command
         };
@@ -205,7 +208,7 @@ impl Supervisor {
             .kill_on_drop(true)
             .env(SUPERVISOR_ENV, std::process::id().to_string());
         die_with_supervisor(&mut command);
-        for key in ["PATH", "HOME", "TZ", "LOG"] {
+        for key in ["PATH", "HOME", "TZ", ENV_LOG] {
             if let Some(value) = std::env::var_os(key) {
                 command.env(key, value);
             }

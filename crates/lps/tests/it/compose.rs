@@ -12,6 +12,10 @@ use std::process::Command;
 
 use clap::Parser;
 use lps::topology::{self, Broker, Health, Options, Program, ServiceSpec, Topology};
+use lps_common::config::{
+    ENV_HTTP_PORT, ENV_LOG_DIR, ENV_MQTT_BROKER, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC,
+    ENV_SERVICE_NAME, ENV_SIM_MODEL, ENV_TARGET_URL,
+};
 use lps_common::service::HEALTHCHECK_PATH;
 use lps_common::upstream::UpstreamConfig;
 use serde::Deserialize;
@@ -361,7 +365,7 @@ fn wiring(program: Program, service: &Service) -> Result<Wiring, String> {
         Program::RastSimulator => {
             let mut args = vec!["rast-simulator".to_owned()];
             args.extend(service.command.iter().skip(1).cloned());
-            if let Some(model) = env.get("SIM_MODEL") {
+            if let Some(model) = env.get(ENV_SIM_MODEL) {
                 args.extend(["--model".to_owned(), model.clone()]);
             }
             let args = rast_simulator::Args::try_parse_from(&args)
@@ -508,7 +512,7 @@ fn check_topology(topology: Topology, compose: &Compose) -> Vec<String> {
 
         // Environment: what the topology sets, with compose hosts and container ports.
         if ours {
-            for (key, want) in [("SERVICE_NAME", name), ("LOG_DIR", LOG_DIR)] {
+            for (key, want) in [(ENV_SERVICE_NAME, name), (ENV_LOG_DIR, LOG_DIR)] {
                 if service.environment.get(key).map(String::as_str) != Some(want) {
                     problem(format!(
                         "{key}={:?}, want {want:?}",
@@ -533,8 +537,8 @@ fn check_topology(topology: Topology, compose: &Compose) -> Vec<String> {
         // they bind, and start first.
         if let Some(w) = wiring {
             let mut peers: Vec<(&str, &(String, u16))> =
-                w.targets.iter().map(|t| ("TARGET_URL", t)).collect();
-            peers.extend(w.broker.iter().map(|b| ("MQTT_HOST", b)));
+                w.targets.iter().map(|t| (ENV_TARGET_URL, t)).collect();
+            peers.extend(w.broker.iter().map(|b| (ENV_MQTT_HOST, b)));
             for (what, (host, port)) in peers {
                 match bind_of(host) {
                     None => problem(format!("{what} names {host}, not a service of this file")),
@@ -686,8 +690,8 @@ fn equivalent(
         ));
     }
     match key {
-        "MQTT_HOST" | "MQTT_BROKER" if value == "127.0.0.1" => broker.map(str::to_owned),
-        "MQTT_PORT" => {
+        ENV_MQTT_HOST | ENV_MQTT_BROKER if value == "127.0.0.1" => broker.map(str::to_owned),
+        ENV_MQTT_PORT => {
             let (_, bind) = by_port.get(&value.parse().ok()?)?;
             bind.map(|b| b.to_string())
         }
@@ -873,20 +877,20 @@ fn checks_catch_miswiring() {
         }),
         ("target crosses replicas", "ars-comp-1-2", |c| {
             service(c, "ars-comp-1-2").environment.insert(
-                "TARGET_URL".into(),
+                ENV_TARGET_URL.into(),
                 "http://proxy1-3:8080/ID_REQ_KC_STORE7D3BPACKET".into(),
             );
         }),
         ("target on the host port", "proxy2-3", |c| {
             service(c, "proxy2-3").environment.insert(
-                "TARGET_URL".into(),
+                ENV_TARGET_URL.into(),
                 "http://ars-comp-2-3:9083/ID_REQ_KC_STORE7D3BPACKET".into(),
             );
         }),
         ("topic no subscriber covers", "proxy1-1", |c| {
             service(c, "proxy1-1")
                 .environment
-                .insert("MQTT_TOPIC".into(), "proxy1/msg".into());
+                .insert(ENV_MQTT_TOPIC.into(), "proxy1/msg".into());
         }),
         ("no healthcheck", "ars-comp-3", |c| {
             service(c, "ars-comp-3").healthcheck = None
@@ -898,7 +902,7 @@ fn checks_catch_miswiring() {
             service(c, "ars-comp-2-1").depends_on.clear()
         }),
         ("simulator probed on the wrong port", "ars-comp-3", |c| {
-            service(c, "ars-comp-3").environment.remove("HTTP_PORT");
+            service(c, "ars-comp-3").environment.remove(ENV_HTTP_PORT);
         }),
     ];
     for (what, name, edit) in &cases {

@@ -18,27 +18,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lps_common::config::{
+    ENV_BROKER_DATA, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_LOG_FORMAT, ENV_MQTT_HOST, ENV_MQTT_PORT,
+    ENV_MQTT_RECONNECT_MAX_MS, ENV_MQTT_TOPIC, ENV_REPLAY_JOURNAL_DIR, ENV_REPLAY_WINDOW_MS,
+    ENV_RETRY_BACKOFF_MAX_MS, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_SIM_MODEL,
+    ENV_SIM_SERVICE_MS, ENV_SIM_WORKERS, ENV_TARGET_URL,
+};
+use lps_common::wire::{METRICS_PATH, READYZ_PATH, STORE_PATH};
 use lps_testkit::mosquitto::{Mosquitto, free_port};
 use lps_testkit::{ChildService, eventually};
 use rast_simulator::journal::{LEDGER_FILE, LedgerRecord};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-const STORE: &str = "/ID_REQ_KC_STORE7D3BPACKET";
+const STORE: &str = STORE_PATH;
 const MESSAGE: &str = r#"{"id":"070010","body":"alarm"}"#;
 /// Requests in flight through legacy-proxy-1 at any time.
 const CONCURRENCY: usize = 16;
 /// Acknowledgements that count as "traffic flows", before the kill and again after it.
 const FLOWING: usize = 200;
 /// The simulator as fast as it gets: the chain holds almost nothing in flight.
-const FAST_BACKEND: &[(&str, &str)] = &[("SIM_MODEL", "zero")];
+const FAST_BACKEND: &[(&str, &str)] = &[(ENV_SIM_MODEL, "zero")];
 /// A simulator slower than legacy-proxy-1 accepts (100/s: 2 workers, 20 ms each), as a
 /// real backend under load: the broker holds a backlog of acknowledged messages, so a
 /// host crash has something to lose.
 const SLOW_BACKEND: &[(&str, &str)] = &[
-    ("SIM_MODEL", "fixed"),
-    ("SIM_WORKERS", "2"),
-    ("SIM_SERVICE_MS", "20"),
+    (ENV_SIM_MODEL, "fixed"),
+    (ENV_SIM_WORKERS, "2"),
+    (ENV_SIM_SERVICE_MS, "20"),
 ];
 /// How long after the last save Mosquitto may still forget a completed message: its
 /// `autosave_interval 1` is checked against whole seconds (`last + 1 < now`), so saves
@@ -117,13 +124,11 @@ impl Service {
 
     /// A gauge or counter from `/metrics` (0 when absent or unreachable).
     async fn metric(&self, name: &str) -> f64 {
-        let Ok(response) = client().get(self.url("/metrics")).send().await else {
+        let Ok(response) = client().get(self.url(METRICS_PATH)).send().await else {
             return 0.0;
         };
         let text = response.text().await.unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        lps_testkit::metric(&text, name, &[]).unwrap_or(0.0)
     }
 }
 
@@ -155,8 +160,8 @@ impl Broker {
             Self::Embedded(broker) => broker.port,
         };
         [
-            ("MQTT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_PORT", port.to_string()),
+            (ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+            (ENV_MQTT_PORT, port.to_string()),
         ]
     }
 
@@ -210,10 +215,10 @@ impl EmbeddedBroker {
         let child = Command::new(lps())
             .args(["service", "embedded-broker"])
             .env_clear()
-            .env("MQTT_PORT", self.port.to_string())
-            .env("BROKER_DATA", dir.join("data"))
-            .env("LOG_DIR", dir)
-            .env("LOG_FORMAT", "json")
+            .env(ENV_MQTT_PORT, self.port.to_string())
+            .env(ENV_BROKER_DATA, dir.join("data"))
+            .env(ENV_LOG_DIR, dir)
+            .env(ENV_LOG_FORMAT, "json")
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -261,40 +266,40 @@ impl Chain {
     async fn start(broker: BrokerKind, journal: bool, backend: &[(&str, &str)]) -> Self {
         let broker = Broker::start(broker).await;
         // Fixed ports where a restart must come back on the same address.
-        let mut env = vec![("HTTP_PORT", free_port().to_string())];
+        let mut env = vec![(ENV_HTTP_PORT, free_port().to_string())];
         env.extend(backend.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let sim = Service::start("rast-simulator", env).await;
         let ars_comp_2 = Service::start(
             "ars-comp-2",
             vec![
-                ("SERVICE_NAME", "ars-comp-2-1".to_owned()),
-                ("TARGET_URL", sim.url(STORE)),
+                (ENV_SERVICE_NAME, "ars-comp-2-1".to_owned()),
+                (ENV_TARGET_URL, sim.url(STORE)),
             ],
         )
         .await;
         let mqtt = |name: &str| {
             let mut env: Vec<(&str, String)> = broker.env().into();
-            env.push(("SERVICE_NAME", name.to_owned()));
-            env.push(("MQTT_RECONNECT_MAX_MS", "500".to_owned()));
+            env.push((ENV_SERVICE_NAME, name.to_owned()));
+            env.push((ENV_MQTT_RECONNECT_MAX_MS, "500".to_owned()));
             env
         };
         let proxy2 = |name: &str| {
             let mut env = mqtt(name);
-            env.push(("TARGET_URL", ars_comp_2.url(STORE)));
-            env.push(("RETRY_BACKOFF_MS", "50".to_owned()));
-            env.push(("RETRY_BACKOFF_MAX_MS", "500".to_owned()));
+            env.push((ENV_TARGET_URL, ars_comp_2.url(STORE)));
+            env.push((ENV_RETRY_BACKOFF_MS, "50".to_owned()));
+            env.push((ENV_RETRY_BACKOFF_MAX_MS, "500".to_owned()));
             Service::start("legacy-proxy-2", env)
         };
         let proxy2 = [proxy2("proxy2-1").await, proxy2("proxy2-2").await];
         let mut env = mqtt("proxy1-1");
-        env.push(("HTTP_PORT", free_port().to_string()));
-        env.push(("MQTT_TOPIC", "proxy1/message".to_owned()));
-        env.push(("REPLAY_WINDOW_MS", REPLAY_WINDOW.as_millis().to_string()));
+        env.push((ENV_HTTP_PORT, free_port().to_string()));
+        env.push((ENV_MQTT_TOPIC, "proxy1/message".to_owned()));
+        env.push((ENV_REPLAY_WINDOW_MS, REPLAY_WINDOW.as_millis().to_string()));
         let mut proxy1 = Service::new("legacy-proxy-1", env);
         if journal {
             // In its own folder: a restart finds the same journal.
             let dir = proxy1.dir.path().join("journal").display().to_string();
-            proxy1.env.push(("REPLAY_JOURNAL_DIR".into(), dir));
+            proxy1.env.push((ENV_REPLAY_JOURNAL_DIR.into(), dir));
         }
         proxy1.launch().await;
         let chain = Self {
@@ -311,16 +316,7 @@ impl Chain {
     /// Waits until `/readyz` of every bridge answers 200.
     async fn ready(&self) {
         for bridge in [&self.proxy2[0], &self.proxy2[1], &self.proxy1] {
-            let url = bridge.url("/readyz");
-            let what = format!("{} {} ready", bridge.program, bridge.base);
-            eventually(&what, Duration::from_secs(20), || {
-                let url = url.clone();
-                async move {
-                    let response = client().get(url).send().await.ok()?;
-                    response.status().is_success().then_some(())
-                }
-            })
-            .await;
+            lps_testkit::wait_ready(&bridge.url(READYZ_PATH), Duration::from_secs(20)).await;
         }
     }
 

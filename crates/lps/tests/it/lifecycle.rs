@@ -9,6 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lps_common::config::{ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_SERVICE_NAME};
 use lps_testkit::eventually;
 use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
@@ -134,7 +135,7 @@ fn marked(supervisor: i32) -> Vec<i32> {
 /// The port a service listens on: `HTTP_PORT` of `lps service …`, the `listener` of
 /// Mosquitto's `-c` configuration.
 fn port_of(pid: i32) -> u16 {
-    if let Some(port) = environment(pid, "HTTP_PORT") {
+    if let Some(port) = environment(pid, ENV_HTTP_PORT) {
         return port.parse().unwrap();
     }
     let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
@@ -454,10 +455,10 @@ async fn a_run_left_behind_is_named_and_replaced() {
     let mut leftover = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
         .args(["service", "rast-simulator", "--"])
         .env_clear()
-        .env("HTTP_HOST", "127.0.0.1")
-        .env("HTTP_PORT", port.to_string())
-        .env("SERVICE_NAME", "ars-comp-3")
-        .env("LOG_DIR", logs.path())
+        .env(ENV_HTTP_HOST, "127.0.0.1")
+        .env(ENV_HTTP_PORT, port.to_string())
+        .env(ENV_SERVICE_NAME, "ars-comp-3")
+        .env(ENV_LOG_DIR, logs.path())
         .env("LPS_SUPERVISOR", gone_pid.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use ars_comp_1::SIMPLE_PATH;
 use lps::records::{ClientRecord, FinalStatus, RequestKind, read_jsonl};
+use lps_common::config::ENV_USE_HTTP_2;
 use lps_common::request_id::RequestId;
 use lps_common::wire::STORE_COMMAND;
 use rast_simulator::journal::LedgerRecord;
@@ -149,7 +151,7 @@ async fn alarms_reach_the_simulator(http2: bool) {
     let up = Up::start(&["ng", "--broker", "mosquitto"], dir.join("run")).await;
     let alarms_env = [
         ("LPS_ENTRIES", up.entries.join(",")),
-        ("USE_HTTP_2", http2.to_string()),
+        (ENV_USE_HTTP_2, http2.to_string()),
     ];
     let background_env = [("LPS_SIMULATOR", up.simulator.clone())];
     let alarms = run_locust(
@@ -188,7 +190,7 @@ async fn alarms_reach_the_simulator(http2: bool) {
     let stats = json_stats(dir, "alarms");
     assert_eq!(stats.len(), 1, "only acknowledged alarms: {stats:?}");
     let (name, acknowledged, failed) = &stats[0];
-    assert_eq!((name.as_str(), *failed), ("/api/v1/simple", 0), "{stats:?}");
+    assert_eq!((name.as_str(), *failed), (SIMPLE_PATH, 0), "{stats:?}");
 
     // The client ledger: every alarm finished, once, with a valid id, over the protocol asked.
     let ledger_path = dir.join("alarms.jsonl");

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use ars_comp_1::SIMPLE_PATH;
 use http::StatusCode;
+use lps_common::wire::HEALTHZ_PATH;
 use lps_testkit::{eventually, http1_client};
 
 use crate::support::Up;
@@ -45,7 +47,7 @@ async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful:
     let client = http1_client();
     for (i, entry) in entries.iter().enumerate() {
         let response = client
-            .post(format!("{entry}/api/v1/simple"))
+            .post(format!("{entry}{SIMPLE_PATH}"))
             .header("Request-Id", format!("{}", 900 + i))
             .body(r#"{"phone":"015142611148","branch":"2001","headnumber":"8023","triggertime":"2025-01-31T12:00:00Z"}"#)
             .send()
@@ -72,7 +74,11 @@ async fn up_serves_alarms_and_stops_with(topology: &str, broker: &str, graceful:
     up.stop().await;
     for entry in &entries {
         assert!(
-            client.get(format!("{entry}/healthz")).send().await.is_err(),
+            client
+                .get(format!("{entry}{HEALTHZ_PATH}"))
+                .send()
+                .await
+                .is_err(),
             "{entry} still up"
         );
     }
@@ -130,7 +136,7 @@ async fn fault_stops_and_restarts_the_services_of_a_running_up() {
     assert!(events.iter().all(|e| e["how"] == "SIGKILL"));
     // Everything is back: an alarm goes through the first chain again.
     let response = http1_client()
-        .post(format!("{entry}/api/v1/simple"))
+        .post(format!("{entry}{SIMPLE_PATH}"))
         .body(r#"{"phone":"015142611148","branch":"2001","headnumber":"8023","triggertime":"2025-01-31T12:00:00Z"}"#)
         .send()
         .await
