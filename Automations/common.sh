@@ -56,3 +56,33 @@ need_number() {
 utc_timestamp() {
   date -u +%Y%m%dT%H%M%SZ
 }
+
+# Prints why network emulation (the netem overrides) cannot work on this machine and
+# returns 0; returns 1 when it can, or when that cannot be told. The probe adds a netem
+# qdisc to the loopback device of a throwaway network namespace (`unshare --net`, with
+# `--user --map-root-user` when not root), never to the machine's own interfaces.
+# `lps experiment` makes the same check.
+netem_unavailable() {
+  local userns=() err
+  [[ $(id -u) -eq 0 ]] || userns=(--user --map-root-user)
+  if err=$(timeout 10 unshare "${userns[@]}" --net tc qdisc add dev lo root netem delay 1ms 2>&1); then
+    return 1
+  fi
+  case "$err" in
+    *"qdisc kind is unknown"* | *"Unknown qdisc"*)
+      echo "this kernel has no sch_netem (\`tc qdisc add dev lo root netem delay 1ms\` in a throwaway network namespace answered \"$err\")"
+      return 0
+      ;;
+  esac
+  return 1
+}
+
+# Exits 69 (unavailable) when --netem was asked for and this machine cannot emulate.
+refuse_netem_if_unavailable() {
+  local why
+  if why=$(netem_unavailable); then
+    echo "error: --netem: network emulation is not available here: $why." >&2
+    echo "The netem sidecars would leave every service unshaped, so the runs would not measure what they are labelled with. Run without --netem, or on a host whose kernel has sch_netem." >&2
+    exit 69
+  fi
+}

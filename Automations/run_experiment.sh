@@ -152,6 +152,9 @@ if $dry_run; then
   print_command lps "${args[@]}"
   exit 0
 fi
+if $netem; then
+  refuse_netem_if_unavailable
+fi
 echo "== $topology $label ($platform) into $out" >&2
 echo "lps: $(lps_which)" >&2
 lps "${args[@]}"

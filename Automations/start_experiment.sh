@@ -87,6 +87,9 @@ case "$faults" in
   *) die "--faults '$faults': expected entry, chain or all" ;;
 esac
 out=${out:-runs/$(utc_timestamp)}
+if ! $dry_run && [[ " ${pass[*]} " == *" --netem "* ]]; then
+  refuse_netem_if_unavailable
+fi
 
 failed=()
 reports=()

@@ -16,7 +16,10 @@
 //!   log into `<run>/logs` through the bind mount, so the simulator's ledger lands where
 //!   the drain and the analysis read it. The legacy-proxy-2 counters are scraped on their
 //!   host ports 9091-9093 when the compose file publishes them; otherwise `run.json`
-//!   notes that they were not (and the per-instance figures stay empty).
+//!   notes that they were not (and the per-instance figures stay empty). Files with
+//!   network-emulation sidecars (services `netem-*`) are refused up front when this
+//!   machine's kernel has no `sch_netem` ([`netem_unavailable`]): the run would measure
+//!   an unshaped network under the netem label.
 //!
 //! Then, the same on both: load and fault schedule side by side, wait until every
 //! acknowledged alarm has arrived at the simulator (the drain, measured by ids) or a
@@ -299,6 +302,59 @@ async fn deploy_local(
     })
 }
 
+/// The compose services that shape another service's network (docker-compose-netem.yml).
+pub const NETEM_SIDECAR_PREFIX: &str = "netem-";
+
+/// Why network emulation cannot work here, or `None` when it can or when that cannot be
+/// told. The probe adds a netem qdisc to the loopback device of a throwaway network
+/// namespace (`unshare --net`, with `--user --map-root-user` when not root), never to the
+/// machine's own interfaces; the namespace ends with the probe. It checks this machine's
+/// kernel, which is the Docker engine's unless `DOCKER_HOST` points elsewhere (then it
+/// does not probe).
+pub async fn netem_unavailable() -> Option<String> {
+    if std::env::var("DOCKER_HOST").is_ok_and(|h| !h.is_empty() && !h.starts_with("unix://")) {
+        return None;
+    }
+    let mut probe = tokio::process::Command::new("unshare");
+    if !nix::unistd::geteuid().is_root() {
+        probe.args(["--user", "--map-root-user"]);
+    }
+    probe
+        .args([
+            "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = match tokio::time::timeout(Duration::from_secs(10), probe.output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => {
+            eprintln!("note: could not check for sch_netem (unshare: {e})");
+            return None;
+        }
+        Err(_) => {
+            eprintln!("note: could not check for sch_netem (the probe took over 10 s)");
+            return None;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    netem_probe_verdict(output.status.success(), stderr.trim())
+}
+
+/// The verdict on the probe's outcome: only tc's "unknown qdisc" answers count as a no.
+fn netem_probe_verdict(success: bool, stderr: &str) -> Option<String> {
+    if success {
+        return None;
+    }
+    if stderr.contains("qdisc kind is unknown") || stderr.contains("Unknown qdisc") {
+        return Some(format!(
+            "this kernel has no sch_netem (`tc qdisc add dev lo root netem delay 1ms` in a \
+             throwaway network namespace answered \"{stderr}\")"
+        ));
+    }
+    eprintln!("note: could not check for sch_netem: {stderr}");
+    None
+}
+
 async fn deploy_compose(
     topology: Topology,
     setup: &ComposeSetup,
@@ -338,6 +394,17 @@ async fn deploy_compose(
         "{} lacks the {topology} services {missing:?} (it declares {declared:?})",
         compose.files_display()
     );
+    if declared.iter().any(|s| s.starts_with(NETEM_SIDECAR_PREFIX))
+        && let Some(why) = netem_unavailable().await
+    {
+        anyhow::bail!(
+            "{} asks for network emulation, which this machine cannot do: {why}. Its sidecars \
+             would leave every service unshaped, so the run would not measure what it is \
+             labelled with. Run without the netem override, or on a host whose kernel has \
+             sch_netem (and sch_tbf, sch_ingress, act_police).",
+            compose.files_display()
+        );
+    }
     let target = Deployment::Compose(setup.clone());
     let ready = async {
         if setup.clean {
@@ -785,6 +852,26 @@ mod tests {
                 "ars-comp-2-1",
                 "ars-comp-3"
             ]
+        );
+    }
+
+    #[test]
+    fn only_an_unknown_qdisc_refuses_network_emulation() {
+        assert_eq!(netem_probe_verdict(true, ""), None);
+        let why = netem_probe_verdict(false, "Error: Specified qdisc kind is unknown.").unwrap();
+        assert!(why.starts_with("this kernel has no sch_netem"), "{why}");
+        assert!(why.contains("Specified qdisc kind is unknown"), "{why}");
+        // The probe itself failing (no tc, no user namespaces) is no verdict.
+        assert_eq!(
+            netem_probe_verdict(false, "unshare: unshare failed: Operation not permitted"),
+            None
+        );
+        assert_eq!(
+            netem_probe_verdict(
+                false,
+                "unshare: failed to execute tc: No such file or directory"
+            ),
+            None
         );
     }
 

@@ -13,7 +13,8 @@
 //! control socket), or a compose topology ([`Compose`]: `<command> -f FILE [-f FILE...]
 //! stop|start`, where the command is `docker compose`, or `docker-compose` through
 //! `--compose-command` or `LPS_COMPOSE`, and the files a topology and its overrides, e.g.
-//! `docker-compose-ng.yml` and `docker-compose-netem.yml`).
+//! `docker-compose-ng.yml` and `docker-compose-netem.yml`). The default `docker compose`
+//! falls back to Compose v1 (`docker-compose`) when the plugin is missing and v1 runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +187,13 @@ pub async fn inject(
 /// The compose command used unless told otherwise (`--compose-command`, `LPS_COMPOSE`).
 pub const DEFAULT_COMPOSE_COMMAND: &str = "docker compose";
 
+/// What [`DEFAULT_COMPOSE_COMMAND`] falls back to when the plugin is missing: Compose v1,
+/// which takes the same arguments and files.
+pub const FALLBACK_COMPOSE_COMMAND: &str = "docker-compose";
+
+/// How long `<command> version` may take when deciding between the two.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A compose command on a compose file and its overrides: `<command> -f FILE [-f FILE...]
 /// stop|start SERVICE` for faults, `up`/`down` for `lps experiment --compose`.
 #[derive(Debug, Clone)]
@@ -198,6 +206,11 @@ pub struct Compose {
     pub files: Vec<std::path::PathBuf>,
     /// Environment for every invocation, e.g. `LPS_LOGS` (where the containers log).
     pub env: Vec<(String, String)>,
+    /// Used instead of `command` when `command` does not run (`<command> version` fails)
+    /// and this does: Compose v1 for the default `docker compose`.
+    pub fallback: Option<Vec<String>>,
+    /// The command that runs, decided on first use (shared by clones).
+    resolved: Arc<tokio::sync::OnceCell<Vec<String>>>,
 }
 
 impl Compose {
@@ -210,11 +223,41 @@ impl Compose {
             "the compose command is empty; expected \"docker compose\" or docker-compose"
         );
         anyhow::ensure!(!files.is_empty(), "no compose file given");
+        let fallback = (command.join(" ") == DEFAULT_COMPOSE_COMMAND)
+            .then(|| vec![FALLBACK_COMPOSE_COMMAND.to_owned()]);
         Ok(Self {
             command,
             files,
             env: Vec::new(),
+            fallback,
+            resolved: Arc::default(),
         })
+    }
+
+    /// The command that runs: `command` when `<command> version` succeeds, else the
+    /// fallback when it does (said once on stderr), else `command` (whose errors then say
+    /// what to install).
+    async fn program(&self) -> &[String] {
+        self.resolved
+            .get_or_init(|| async {
+                let Some(fallback) = &self.fallback else {
+                    return self.command.clone();
+                };
+                if runs(&self.command).await {
+                    return self.command.clone();
+                }
+                if runs(fallback).await {
+                    eprintln!(
+                        "note: `{}` does not run here (no Compose plugin?); using `{}` \
+                         (Compose v1) instead",
+                        self.command.join(" "),
+                        fallback.join(" ")
+                    );
+                    return fallback.clone();
+                }
+                self.command.clone()
+            })
+            .await
     }
 
     /// The compose files for messages: `a.yml + b.yml`.
@@ -235,8 +278,9 @@ impl Compose {
 
     /// The command line for `args` on the files: `docker compose -f FILE [-f FILE...]
     /// ARGS...`.
+    /// (The fallback's once it was chosen.)
     pub fn command_line(&self, args: &[&str]) -> Vec<String> {
-        let mut line = self.command.clone();
+        let mut line = self.resolved.get().unwrap_or(&self.command).clone();
         for file in &self.files {
             line.push("-f".to_owned());
             line.push(file.display().to_string());
@@ -256,7 +300,9 @@ impl Compose {
     fn not_found(&self, detail: &str) -> anyhow::Error {
         let command = self.command.join(" ");
         let hint = if command == DEFAULT_COMPOSE_COMMAND {
-            "install Docker or pass --compose-command docker-compose".to_owned()
+            "install Docker with its Compose plugin, or Compose v1 (docker-compose), or pass \
+             --compose-command"
+                .to_owned()
         } else {
             format!("install it or pass --compose-command \"{DEFAULT_COMPOSE_COMMAND}\"")
         };
@@ -285,6 +331,7 @@ impl Compose {
 
     /// Runs `args`, returns its standard output; an error carries its standard error.
     async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.program().await;
         let output = self.output(&self.command_line(args)).await?;
         anyhow::ensure!(
             output.status.success(),
@@ -299,6 +346,7 @@ impl Compose {
     /// Runs `args` with its output on this process's terminal (pulls and builds take a
     /// while and say so), after printing the command line.
     pub async fn run_visible(&self, args: &[&str]) -> anyhow::Result<()> {
+        self.program().await;
         let line = self.command_line(args);
         eprintln!("$ {}", self.display(args));
         let status = self
@@ -321,7 +369,7 @@ impl Compose {
 
     /// Checks that the compose command runs (`<command> version`) and the files exist.
     pub async fn check(&self) -> anyhow::Result<()> {
-        let mut line = self.command.clone();
+        let mut line = self.program().await.to_vec();
         line.push("version".to_owned());
         let output = self.output(&line).await?;
         if !output.status.success() {
@@ -358,6 +406,25 @@ impl Target for Compose {
     fn how(&self, _signal: Signal) -> String {
         "compose".to_owned()
     }
+}
+
+/// Whether `<command> version` succeeds within [`VERSION_TIMEOUT`].
+async fn runs(command: &[String]) -> bool {
+    let Some((program, args)) = command.split_first() else {
+        return false;
+    };
+    let status = tokio::process::Command::new(program)
+        .args(args)
+        .arg("version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    matches!(
+        tokio::time::timeout(VERSION_TIMEOUT, status).await,
+        Ok(Ok(status)) if status.success()
+    )
 }
 
 /// An `lps up` in another process, through its control socket (`<run>/control.sock`).
@@ -589,13 +656,55 @@ mod tests {
         );
         assert!(error.contains("not found"), "{error}");
         // The hint for the default command names the alternative.
-        let default = Compose {
-            command: vec!["docker".into(), "compose".into()],
-            files: vec!["c.yml".into()],
-            env: Vec::new(),
-        };
+        let default = Compose::new("docker compose", vec!["c.yml".into()]).unwrap();
         assert!(default.not_found("x").to_string().starts_with(
-            "docker compose not found; install Docker or pass --compose-command docker-compose"
-        ),);
+            "docker compose not found; install Docker with its Compose plugin, or Compose v1 \
+             (docker-compose), or pass --compose-command"
+        ));
+    }
+
+    /// A compose command with `fallback` (a test double for the plugin and v1).
+    fn with_fallback(command: &str, fallback: &str) -> Compose {
+        let mut compose = Compose::new(command, vec!["c.yml".into()]).unwrap();
+        compose.fallback = Some(vec![fallback.to_owned()]);
+        compose
+    }
+
+    #[tokio::test]
+    async fn the_default_falls_back_to_compose_v1_when_the_plugin_does_not_run() {
+        // Only the default command has a fallback, and it is v1.
+        let default = Compose::new(DEFAULT_COMPOSE_COMMAND, vec!["c.yml".into()]).unwrap();
+        assert_eq!(default.fallback, Some(vec!["docker-compose".to_owned()]));
+        let chosen = Compose::new("docker compose", vec!["c.yml".into()]).unwrap();
+        assert_eq!(chosen.fallback, Some(vec!["docker-compose".to_owned()]));
+        let v1 = Compose::new("docker-compose", vec!["c.yml".into()]).unwrap();
+        assert_eq!(v1.fallback, None);
+
+        // The command does not run, the fallback does (`true version` exits 0): the
+        // fallback runs every command, also through clones.
+        let compose = with_fallback("lps-test-no-such-compose-plugin", "true");
+        let clone = compose.clone();
+        assert_eq!(compose.program().await, ["true"]);
+        assert_eq!(
+            clone.command_line(&["down"]),
+            ["true", "-f", "c.yml", "down"]
+        );
+        assert_eq!(clone.display(&["ps"]), "true -f c.yml ps");
+
+        // The command runs: no fallback, even a working one.
+        let compose = with_fallback("true", "lps-test-no-such-compose-v1");
+        assert_eq!(compose.program().await, ["true"]);
+
+        // Neither runs: the error names the command asked for.
+        let compose = with_fallback("lps-test-no-such-compose-plugin", "false");
+        let error = format!("{:#}", compose.check().await.unwrap_err());
+        assert!(
+            error.starts_with("lps-test-no-such-compose-plugin not found"),
+            "{error}"
+        );
+        assert_eq!(
+            compose.command_line(&["ps"])[0],
+            "lps-test-no-such-compose-plugin"
+        );
     }
 }

@@ -77,6 +77,8 @@ struct Service {
     sysctls: BTreeMap<String, String>,
     network_mode: Option<String>,
     cap_add: Vec<String>,
+    /// Started only with `--profile NAME` (the `monitoring` services).
+    profiles: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -397,7 +399,13 @@ fn check_topology(topology: Topology, compose: &Compose) -> Vec<String> {
     let mut problems = Vec::new();
     let specs = expected(topology);
     let want: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    let have: BTreeSet<&str> = compose.services.keys().map(String::as_str).collect();
+    // Services of a profile (monitoring) are extras, not part of the topology.
+    let have: BTreeSet<&str> = compose
+        .services
+        .iter()
+        .filter(|(_, s)| s.profiles.is_empty())
+        .map(|(n, _)| n.as_str())
+        .collect();
     for name in want.difference(&have) {
         problems.push(format!(
             "{name}: in the topology, missing from the compose file"
@@ -988,4 +996,68 @@ fn docker_compose_accepts_the_files() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// On a kernel without `sch_netem` (the machines this project is tested on), a run with a
+/// netem override is refused before anything starts, by `lps experiment` and by
+/// `Automations/run_experiment.sh --netem`, saying why. Elsewhere the refusal does not
+/// apply (and running the override needs an engine): the test says so and passes.
+#[test]
+fn netem_runs_are_refused_up_front_without_sch_netem() {
+    // The probe lps and Automations/common.sh make: a throwaway network namespace.
+    let mut probe = Command::new("unshare");
+    if !nix::unistd::geteuid().is_root() {
+        probe.args(["--user", "--map-root-user"]);
+    }
+    let probe = probe
+        .args([
+            "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+        ])
+        .output()
+        .expect("unshare (util-linux) runs");
+    let said = String::from_utf8_lossy(&probe.stderr);
+    if probe.status.success() || !said.contains("qdisc kind is unknown") {
+        eprintln!(
+            "skipped: this kernel has sch_netem, or the probe cannot tell ({}): the refusal \
+             is for kernels without it",
+            said.trim()
+        );
+        return;
+    }
+    let compose = docker_compose().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_lps"))
+        .current_dir(repo())
+        .args(["experiment", "ng", "--compose", NG, "--compose", NG_NETEM])
+        .args(["--duration", "5", "--out"])
+        .arg(dir.path().join("run"))
+        .env("LPS_COMPOSE", compose.join(" "))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "asks for network emulation, which this machine cannot do: this kernel has no sch_netem"
+        ),
+        "{stderr}"
+    );
+    // Refused before `up`: no compose command that starts anything ran.
+    assert!(!stderr.contains(" up -d"), "{stderr}");
+
+    let output = Command::new("bash")
+        .arg(repo().join("Automations/run_experiment.sh"))
+        .args(["--compose", "--netem", "legacy", "failover", "--out"])
+        .arg(dir.path().join("automations"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(
+            "--netem: network emulation is not available here: this kernel has no sch_netem"
+        ),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("automations").exists());
 }

@@ -9,6 +9,7 @@ mod kills;
 mod lifecycle;
 mod load;
 mod locust;
+mod monitoring;
 mod netem;
 mod support;
 mod up;
