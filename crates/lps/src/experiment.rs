@@ -39,7 +39,8 @@ use anyhow::Context;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::faults::{self, Compose, Schedule, Target};
+use crate::compose::Compose;
+use crate::faults::{self, Schedule, Target};
 use crate::load::{self, LoadConfig, Shape};
 use crate::records::{self, BridgeSample, ClientRecord, FinalStatus, RequestKind, RunInfo};
 use crate::supervisor::{Signal, Supervisor};

@@ -9,6 +9,9 @@
 pub mod analyze;
 pub mod bench;
 pub mod broker;
+pub mod cli;
+pub mod compose;
+pub mod control;
 pub mod dead_letters;
 pub mod duration;
 pub mod experiment;
@@ -24,6 +27,3 @@ pub mod up;
 
 pub use broker::{BrokerChoice, embedded_broker_main};
 pub use up::{run_dir, start, up};
-
-/// The control socket of an `lps up`, in its run folder (see [`faults::serve_control`]).
-pub const CONTROL_SOCKET: &str = "control.sock";

@@ -8,9 +8,10 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerChoice};
+use crate::control::{self, CONTROL_SOCKET};
 use crate::supervisor::Supervisor;
 use crate::topology::{self, Broker, Options, Program, ServiceSpec, Topology};
-use crate::{CONTROL_SOCKET, faults, signals, stale};
+use crate::{signals, stale};
 
 /// A fresh run folder `runs/<UTC timestamp>-<topology>` (or `out`).
 pub fn run_dir(out: Option<PathBuf>, topology: Topology) -> anyhow::Result<PathBuf> {
@@ -162,7 +163,7 @@ pub async fn up(
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
         };
-        if env("WS_ENABLED") != Some("false") {
+        if env(lps_common::config::ENV_WS_ENABLED) != Some("false") {
             println!(
                 "edge: MQTT over WebSocket at ws://127.0.0.1:{}/mqtt",
                 edge.spec.port
@@ -170,13 +171,14 @@ pub async fn up(
         }
         println!(
             "edge: forward proxy at http://127.0.0.1:{}",
-            env("PROXY_PORT").unwrap_or("3128")
+            env(lps_common::config::ENV_PROXY_PORT).unwrap_or("3128")
         );
     }
     if let Some(entry) = supervisor.running().iter().find(|s| s.spec.entry) {
         println!(
-            "try: curl -X POST -H 'Content-Type: application/json' -d '{{\"phone\":\"015142611148\",\"branch\":\"2001\",\"headnumber\":\"8023\",\"triggertime\":\"2025-01-31T12:00:00Z\"}}' {}/api/v1/simple",
-            entry.base_url()
+            "try: curl -X POST -H 'Content-Type: application/json' -d '{{\"phone\":\"015142611148\",\"branch\":\"2001\",\"headnumber\":\"8023\",\"triggertime\":\"2025-01-31T12:00:00Z\"}}' {}{}",
+            entry.base_url(),
+            ars_comp_1::SIMPLE_PATH
         );
     }
     let socket = dir.join(CONTROL_SOCKET);
@@ -187,11 +189,7 @@ pub async fn up(
     println!("press Ctrl-C to stop");
     let logs = supervisor.logs().to_owned();
     let supervisor = std::sync::Arc::new(tokio::sync::Mutex::new(supervisor));
-    let control = tokio::spawn(faults::serve_control(
-        socket,
-        supervisor.clone(),
-        stop.clone(),
-    ));
+    let control = tokio::spawn(control::serve(socket, supervisor.clone(), stop.clone()));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
