@@ -522,7 +522,7 @@ async fn http_hops(
                 relay_port,
                 vec![
                     (
-                        "TARGET_URL".into(),
+                        lps_common::config::ENV_TARGET_URL.into(),
                         format!(
                             "http://127.0.0.1:{sim_port}{}",
                             lps_common::wire::STORE_PATH
@@ -706,7 +706,7 @@ fn entries(supervisor: &Supervisor) -> anyhow::Result<Vec<Target>> {
         .running()
         .iter()
         .filter(|r| r.spec.entry)
-        .map(|r| target(&r.base_url(), "/api/v1/simple"))
+        .map(|r| target(&r.base_url(), ars_comp_1::SIMPLE_PATH))
         .collect()
 }
 
@@ -833,7 +833,6 @@ async fn ng_figures(
     let measured = Measured::of(&window);
     let quantile = |q: f64| generator::quantile_ms(&result.latencies_us, q);
     let seconds = result.elapsed.as_secs_f64().max(1e-9);
-    #[allow(clippy::cast_precision_loss)]
     let ceiling = Figure {
         scenario: Scenario::Broker,
         name,
@@ -927,7 +926,6 @@ async fn ng_figure(
     let (lost, in_window, last) =
         arrivals(ledger, &result.ids, (from_us, to_us), options.drain_timeout).await?;
     let mut f = figure(Scenario::Ng, name, &load, &result, measured);
-    #[allow(clippy::cast_precision_loss)]
     let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
     f.delivered_rate = Some(delivered);
     f.lost = Some(lost);
@@ -941,9 +939,7 @@ fn micros(d: Duration) -> u64 {
 
 /// Seconds from `end_us` to `last_us` (0 when nothing arrived after the end).
 fn seconds_after(last_us: u64, end_us: u64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let s = last_us.saturating_sub(end_us) as f64 / 1e6;
-    s
+    last_us.saturating_sub(end_us) as f64 / 1e6
 }
 
 fn find<'a>(figures: &'a [Figure], name: &str) -> Option<&'a Figure> {
@@ -987,7 +983,6 @@ fn checks(figures: &[Figure], most: usize) -> Vec<Check> {
         .max_by_key(|f| f.body_bytes)
         && let Some(relay) = big.processes.iter().find(|p| p.name == "ars-comp-2")
     {
-        #[allow(clippy::cast_precision_loss)]
         let product = (big.body_bytes * big.connections) as f64 / f64::from(1 << 20);
         checks.push(Check {
             target: format!(

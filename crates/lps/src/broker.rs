@@ -104,9 +104,9 @@ pub fn embedded_broker_main() -> std::process::ExitCode {
     use lps_common::config::{Env, ProcessEnv};
     let env = Env::new(&ProcessEnv);
     let port = env
-        .number("MQTT_PORT", 1883u16, 1, u16::MAX)
+        .number(lps_common::config::ENV_MQTT_PORT, 1883u16, 1, u16::MAX)
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    let data = PathBuf::from(env.string("BROKER_DATA", "broker-data"));
+    let data = PathBuf::from(env.string(lps_common::config::ENV_BROKER_DATA, "broker-data"));
     let telemetry = lps_common::telemetry::TelemetryConfig::from_env(&env, "embedded-broker")
         .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
     lps_common::service::main(&telemetry, async move {

@@ -203,10 +203,10 @@ fn broker_address(
             _ => Err(expected()),
         };
     }
-    let host = lookup("MQTT_HOST")
-        .or_else(|| lookup("MQTT_BROKER"))
+    let host = lookup(lps_common::config::ENV_MQTT_HOST)
+        .or_else(|| lookup(lps_common::config::ENV_MQTT_BROKER))
         .unwrap_or_else(|| "127.0.0.1".to_owned());
-    let port = match lookup("MQTT_PORT") {
+    let port = match lookup(lps_common::config::ENV_MQTT_PORT) {
         None => 1883,
         Some(text) => text
             .parse::<u16>()

@@ -200,7 +200,6 @@ impl LoadReport {
 
     /// The final table.
     pub fn table(&self) -> String {
-        #[allow(clippy::cast_precision_loss)]
         let rate = self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9);
         format!(
             "alarms sent {}, ok {}, failed {}, retries {} ({rate:.0} ok/s over {:.1} s)\n\
@@ -234,7 +233,7 @@ struct Shared {
     client: reqwest::Client,
     config: LoadConfig,
     counters: Counters,
-    ledger: mpsc::UnboundedSender<ClientRecord>,
+    ledger: mpsc::Sender<ClientRecord>,
     /// Fires when alarms must give up retrying.
     give_up: CancellationToken,
     /// Response times of the current performance step, ms.
@@ -259,7 +258,7 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
     } else {
         builder.http1_only()
     };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
     let writer = tokio::task::spawn_blocking({
         let path = config.ledger.clone();
         move || write_ledger(&path, rx)
@@ -379,10 +378,14 @@ pub fn write_run_info(
     Ok(true)
 }
 
+/// Ledger records waiting for the writer; a full queue makes users wait (bounded memory
+/// whatever the disk does).
+const LEDGER_QUEUE: usize = 1 << 16;
+
 /// Writes ledger records as they come; returns the response times of acknowledged alarms.
 fn write_ledger(
     path: &std::path::Path,
-    mut rx: mpsc::UnboundedReceiver<ClientRecord>,
+    mut rx: mpsc::Receiver<ClientRecord>,
 ) -> anyhow::Result<Vec<f64>> {
     use std::io::Write;
     let file = std::fs::OpenOptions::new()
@@ -503,7 +506,6 @@ async fn steps(
             .lock()
             .map(|t| t.clone())
             .unwrap_or_default();
-        #[allow(clippy::cast_precision_loss)]
         let avg = times.iter().sum::<f64>() / times.len().max(1) as f64;
         let max = times.iter().copied().fold(0.0, f64::max);
         eprintln!(
@@ -633,14 +635,16 @@ async fn alarm(shared: &Shared, user: u32, step: u32) {
             () = shared.give_up.cancelled() => break,
         }
     }
-    let _ = shared.ledger.send(record);
+    // After the alarm has finished: a slow disk delays the next alarm of this user, never
+    // when this one was sent.
+    let _ = shared.ledger.send(record).await;
 }
 
 /// One `POST /api/v1/simple`; its status, 0 without an answer.
 async fn post(shared: &Shared, base: &str, id: &RequestId, body: &str) -> u16 {
     let sent = shared
         .client
-        .post(format!("{base}/api/v1/simple"))
+        .post(format!("{base}{}", ars_comp_1::SIMPLE_PATH))
         .header("Request-Id", id.as_str())
         .header("Content-Type", "application/json")
         .body(body.to_owned())
@@ -744,7 +748,7 @@ fn device_status(outcome: &Result<Completed, PublishError>) -> u16 {
 async fn connect_device(client_id: String, url: &str) -> anyhow::Result<Link> {
     let expiry = DEVICE_SESSION_EXPIRY.as_secs().to_string();
     let settings: HashMap<&str, &str> = [
-        ("SERVICE_NAME", client_id.as_str()),
+        (lps_common::config::ENV_SERVICE_NAME, client_id.as_str()),
         ("MQTT_SESSION_EXPIRY_SECS", expiry.as_str()),
     ]
     .into();
@@ -805,22 +809,24 @@ async fn background_load(shared: &Shared, url: &str, stop: &CancellationToken) {
                 } else {
                     failed += 1
                 }
-                let _ = ledger.send(ClientRecord {
-                    id: String::new(),
-                    kind: RequestKind::Background,
-                    user,
-                    step: 0,
-                    first_send_us: first,
-                    success_us: success.then(records::now_us),
-                    attempts: 1,
-                    endpoints: vec![url.clone()],
-                    last_status: status.map_or(0, |s| s.as_u16()),
-                    status: if success {
-                        FinalStatus::Ok
-                    } else {
-                        FinalStatus::Failed
-                    },
-                });
+                let _ = ledger
+                    .send(ClientRecord {
+                        id: String::new(),
+                        kind: RequestKind::Background,
+                        user,
+                        step: 0,
+                        first_send_us: first,
+                        success_us: success.then(records::now_us),
+                        attempts: 1,
+                        endpoints: vec![url.clone()],
+                        last_status: status.map_or(0, |s| s.as_u16()),
+                        status: if success {
+                            FinalStatus::Ok
+                        } else {
+                            FinalStatus::Failed
+                        },
+                    })
+                    .await;
             }
             (ok, failed)
         });

@@ -128,7 +128,7 @@ type Rewrite = Box<dyn Fn(u16) -> String>;
 /// The target port of an outgoing-connection variable, and how to point it at a relay.
 fn outgoing(key: &str, value: &str) -> Option<(Slot, u16, Rewrite)> {
     match key {
-        "TARGET_URL" => {
+        lps_common::config::ENV_TARGET_URL => {
             let rest = value.strip_prefix("http://127.0.0.1:")?;
             let (port, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             let port: u16 = port.parse().ok()?;
@@ -139,7 +139,7 @@ fn outgoing(key: &str, value: &str) -> Option<(Slot, u16, Rewrite)> {
                 Box::new(move |p| format!("http://127.0.0.1:{p}{path}")),
             ))
         }
-        "MQTT_PORT" => Some((
+        lps_common::config::ENV_MQTT_PORT => Some((
             Slot::Broker,
             value.parse().ok()?,
             Box::new(|p| p.to_string()),

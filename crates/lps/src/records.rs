@@ -76,7 +76,6 @@ pub struct ClientRecord {
 impl ClientRecord {
     /// Response time: first send to success, milliseconds.
     pub fn response_ms(&self) -> Option<f64> {
-        #[allow(clippy::cast_precision_loss)]
         self.success_us
             .map(|s| s.saturating_sub(self.first_send_us) as f64 / 1000.0)
     }

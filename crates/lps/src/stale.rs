@@ -58,7 +58,7 @@ impl Process {
         Some(Self {
             pid,
             parent: parent_of(pid)?,
-            service: env("SERVICE_NAME"),
+            service: env(lps_common::config::ENV_SERVICE_NAME),
             supervisor: env(SUPERVISOR_ENV).and_then(|v| v.parse().ok()),
             exe: std::fs::read_link(format!("/proc/{pid}/exe"))
                 .ok()

@@ -138,10 +138,13 @@ pub(super) async fn run(
         Program::LpsEdge,
         ws_port,
         [
-            ("MQTT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_PORT", broker_port.to_string()),
-            ("PROXY_PORT", proxy_port.to_string()),
-            ("PROXY_ALLOWED_PORTS", format!("{http_port},{tls_port}")),
+            (lps_common::config::ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+            (lps_common::config::ENV_MQTT_PORT, broker_port.to_string()),
+            (lps_common::config::ENV_PROXY_PORT, proxy_port.to_string()),
+            (
+                lps_common::config::ENV_PROXY_ALLOWED_PORTS,
+                format!("{http_port},{tls_port}"),
+            ),
             ("PROXY_AUTH", PROXY_USER.to_owned()),
             ("LOG", "warn".to_owned()),
         ]
@@ -281,7 +284,6 @@ fn edge_figure(
     latencies_ms: [f64; 3],
     measured: Measured,
 ) -> Figure {
-    #[allow(clippy::cast_precision_loss)]
     let rate = ok as f64 / seconds.max(1e-9);
     Figure {
         scenario: Scenario::Edge,
@@ -835,7 +837,6 @@ async fn mqtt_load(
     let mut tasks = tokio::task::JoinSet::new();
     for (c, client) in publishers.iter().cloned().enumerate() {
         let (topic, sent) = (format!("{topic}/{c}"), sent.clone());
-        #[allow(clippy::cast_precision_loss)]
         let offset = interval.mul_f64(c as f64 / clients as f64);
         tasks.spawn(async move {
             let mut next = start + offset;

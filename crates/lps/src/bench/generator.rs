@@ -103,7 +103,6 @@ impl LoadResult {
         if self.elapsed.is_zero() {
             return 0.0;
         }
-        #[allow(clippy::cast_precision_loss)]
         let ok = self.ok as f64;
         ok / self.elapsed.as_secs_f64()
     }

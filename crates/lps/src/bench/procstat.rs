@@ -7,11 +7,7 @@ fn ticks_per_second() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
-        .map_or(100.0, |t| {
-            #[allow(clippy::cast_precision_loss)]
-            let t = t as f64;
-            t
-        })
+        .map_or(100.0, |t| t as f64)
 }
 
 /// One process to watch: a name and its pid (`None`: this process).
@@ -48,7 +44,6 @@ impl Watched {
                 .and_then(|f| f.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        #[allow(clippy::cast_precision_loss)]
         let total = (ticks(11) + ticks(12)) as f64;
         total / ticks_per_second()
     }
@@ -144,9 +139,7 @@ impl Window {
         if total == 0 {
             return 0.0;
         }
-        #[allow(clippy::cast_precision_loss)]
-        let share = steal.saturating_sub(self.machine.0) as f64 / total as f64;
-        share
+        steal.saturating_sub(self.machine.0) as f64 / total as f64
     }
 
     /// The figures from the start until now.

@@ -407,7 +407,7 @@ async fn every_metric_the_dashboard_queries_is_exposed_by_a_service() {
     // One alarm through an entry: the request, publish and delivery families get samples.
     let entry = &up.services["ars-comp-1-1"];
     let answer = client
-        .post(format!("{entry}/api/v1/simple"))
+        .post(format!("{entry}{}", ars_comp_1::SIMPLE_PATH))
         .header("content-type", "application/json")
         .body(r#"{"phone":"015142611148","branch":"2001","headnumber":"8023","triggertime":"2025-01-31T12:00:00Z"}"#)
         .send()
