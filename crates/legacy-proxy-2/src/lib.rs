@@ -36,8 +36,7 @@
 //! until this instance's retry subscription is live (Mosquitto drops a QoS 2 message with a
 //! successful PUBREC while a `$share` group has no member); one that completes only after a
 //! reconnect is published again. At most `MQTT_RECEIVE_MAXIMUM` messages are in flight per
-//! path (announced to the broker as the Receive Maximum and enforced here too); the inbox
-//! between the MQTT client and the handlers is bounded as well.
+//! path (announced to the broker as the Receive Maximum and enforced here too).
 //!
 //! Serves `/healthz`, `/readyz` (all three clients connected and subscribed) and
 //! `/metrics` on `HTTP_PORT`.
@@ -421,7 +420,7 @@ impl Bridge {
         let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
         let mut inboxes = Vec::new();
         for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
-            let (tx, rx) = mpsc::channel::<Inbound>(inbox_capacity(self.config.receive_maximum));
+            let (tx, rx) = mpsc::unbounded_channel::<Inbound>();
             // Registered before connecting: a resumed session flushes its messages right
             // after CONNACK, before any SUBSCRIBE.
             let link = &self.client(path).link;
@@ -532,10 +531,10 @@ impl Bridge {
     async fn dispatch(
         self: Arc<Self>,
         path: Path,
-        mut rx: mpsc::Receiver<Inbound>,
+        mut rx: mpsc::UnboundedReceiver<Inbound>,
         work: TaskTracker,
         shutdown: CancellationToken,
-    ) -> mpsc::Receiver<Inbound> {
+    ) -> mpsc::UnboundedReceiver<Inbound> {
         let window = Arc::new(Semaphore::new(usize::from(self.config.receive_maximum)));
         loop {
             let permit = tokio::select! {
@@ -951,25 +950,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// The message handler: hands each message to the dispatcher. It runs inside the MQTT
-/// client, so it never blocks or waits: a message that finds the inbox full (which the
-/// broker's Receive Maximum rules out, see [`inbox_capacity`]) or closed (shutting down)
-/// is left unacknowledged, so the broker delivers it again.
-fn enqueue(tx: mpsc::Sender<Inbound>) -> impl Fn(PublishPacket, AckToken) + Send + Sync + 'static {
-    move |packet, token| match tx.try_send(Inbound { packet, token }) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(inbound)) => {
-            warn!(topic = %inbound.packet.topic_name, "inbox full; leaving the message unacknowledged for redelivery");
+/// client, so it never blocks.
+fn enqueue(
+    tx: mpsc::UnboundedSender<Inbound>,
+) -> impl Fn(PublishPacket, AckToken) + Send + Sync + 'static {
+    move |packet, token| {
+        if let Err(mpsc::error::SendError(inbound)) = tx.send(Inbound { packet, token }) {
+            // Shutting down: leave it unacknowledged for redelivery.
             std::mem::forget(inbound.token);
         }
-        Err(mpsc::error::TrySendError::Closed(inbound)) => std::mem::forget(inbound.token),
     }
-}
-
-/// The inbox of one path: the broker sends at most `MQTT_RECEIVE_MAXIMUM` unacknowledged
-/// messages per connection, and the dispatcher takes them as fast as that window frees; the
-/// headroom covers messages still queued from an earlier connection after reconnects.
-fn inbox_capacity(receive_maximum: u16) -> usize {
-    usize::from(receive_maximum) * 4
 }
 
 /// The admin router: `/healthz`, `/readyz`, `/metrics`.
