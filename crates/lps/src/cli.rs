@@ -385,13 +385,6 @@ fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?}: expected a size such as 1024, 16k or 1m"))
 }
 
-fn timestamped(name: &str) -> PathBuf {
-    PathBuf::from("runs").join(format!(
-        "{}-{name}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-    ))
-}
-
 fn options(args: &TopologyArgs) -> Options {
     Options {
         ephemeral_ports: true,
@@ -497,7 +490,7 @@ pub fn load(args: LoadArgs) -> ExitCode {
         out,
     } = args;
     block_on_stoppable(|stop| async move {
-        let dir = out.unwrap_or_else(|| timestamped("load"));
+        let dir = out.unwrap_or_else(|| crate::up::default_run_dir("load"));
         std::fs::create_dir_all(&dir)?;
         let devices = !mqtt_ws.is_empty();
         let config = LoadConfig {
@@ -552,7 +545,7 @@ pub fn experiment(args: ExperimentArgs) -> ExitCode {
             scale: faults.scale,
             graceful: faults.graceful,
             drain_timeout: faults.drain_timeout,
-            out: out.unwrap_or_else(|| timestamped(&topology.to_string())),
+            out: out.unwrap_or_else(|| crate::up::default_run_dir(&topology.to_string())),
         };
         let dir = crate::experiment::run(&experiment, &stop).await?;
         let runs = vec![dir.clone()];
@@ -584,7 +577,7 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         out,
     } = args;
     block_on_stoppable(|stop| async move {
-        let out = out.unwrap_or_else(|| timestamped("demo"));
+        let out = out.unwrap_or_else(|| crate::up::default_run_dir("demo"));
         // Fit the whole fault schedule (planned for the NG services, the longer one) into
         // 80 % of the load time.
         let ng: Vec<String> = crate::topology::services(Topology::Ng, &Options::default(), None)
@@ -631,7 +624,7 @@ pub fn fault(args: FaultArgs) -> ExitCode {
         if !compose.is_empty() {
             let target = Compose::new(&compose_command.compose_command, compose)?;
             target.check().await?;
-            let dir = out.unwrap_or_else(|| timestamped("faults"));
+            let dir = out.unwrap_or_else(|| crate::up::default_run_dir("faults"));
             std::fs::create_dir_all(&dir)?;
             let services = target.services().await?;
             crate::faults::run(faults, scale, &services, &target, signal, &dir, stop).await
@@ -676,7 +669,7 @@ pub fn bench(args: BenchArgs) -> ExitCode {
             sizes,
             broker,
             drain_timeout,
-            out: out.unwrap_or_else(|| timestamped("bench")),
+            out: out.unwrap_or_else(|| crate::up::default_run_dir("bench")),
             rounds,
         };
         let report = crate::bench::run(&options, &stop).await?;

@@ -43,7 +43,7 @@ use crate::compose::Compose;
 use crate::faults::{self, Schedule, Target};
 use crate::load::{self, LoadConfig, Shape};
 use crate::records::{self, BridgeSample, ClientRecord, FinalStatus, RequestKind, RunInfo};
-use crate::supervisor::{Signal, Supervisor};
+use crate::supervisor::{Signal, Supervisor, local_client};
 use crate::topology::{self, Broker, Options, Program, ServiceSpec, Topology};
 use crate::{BrokerChoice, start};
 
@@ -452,11 +452,7 @@ async fn deploy_compose(
 /// Whether any of the `(name, url)` answers 2xx within 15 s (a legacy-proxy-2 answers
 /// once it is up, before it is subscribed).
 async fn any_answers(urls: &[(String, String)]) -> bool {
-    let Ok(client) = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()
-    else {
+    let Ok(client) = local_client(Duration::from_secs(2)) else {
         return false;
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -480,10 +476,7 @@ async fn any_answers(urls: &[(String, String)]) -> bool {
 
 /// Waits until every `(name, url)` answers 2xx, printing who is still missing every 5 s.
 async fn wait_ready(health: &[(String, String)], timeout: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()?;
+    let client = local_client(Duration::from_secs(2))?;
     let started = tokio::time::Instant::now();
     let mut next_report = started + Duration::from_secs(5);
     eprintln!(
@@ -719,11 +712,7 @@ async fn scrape_bridges(bridges: Vec<(String, String)>, path: PathBuf, stop: Can
     if bridges.is_empty() {
         return;
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap_or_default();
+    let client = local_client(Duration::from_secs(1)).unwrap_or_default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let last = tokio::select! {

@@ -99,6 +99,16 @@ fn die_with_supervisor(command: &mut Command) {
     }
 }
 
+/// A client for the health checks and scrapes of local services: no proxy from the
+/// environment (a machine's `HTTP_PROXY` must not see loopback traffic), and `timeout` per
+/// request.
+pub fn local_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+}
+
 /// A running service.
 #[derive(Debug)]
 pub struct Running {
@@ -147,10 +157,7 @@ impl Supervisor {
             logs,
             running: Vec::new(),
             stopped: Vec::new(),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(1))
-                .build()?,
+            client: local_client(Duration::from_secs(1))?,
         })
     }
 

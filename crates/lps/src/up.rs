@@ -13,14 +13,17 @@ use crate::supervisor::Supervisor;
 use crate::topology::{self, Broker, Options, Program, ServiceSpec, Topology};
 use crate::{signals, stale};
 
+/// `runs/<UTC timestamp>-<name>`: where a run writes when not told (`--out`).
+pub fn default_run_dir(name: &str) -> PathBuf {
+    PathBuf::from("runs").join(format!(
+        "{}-{name}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ))
+}
+
 /// A fresh run folder `runs/<UTC timestamp>-<topology>` (or `out`).
 pub fn run_dir(out: Option<PathBuf>, topology: Topology) -> anyhow::Result<PathBuf> {
-    let dir = out.unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-{topology}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-        ))
-    });
+    let dir = out.unwrap_or_else(|| default_run_dir(&topology.to_string()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
