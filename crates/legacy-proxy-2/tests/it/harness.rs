@@ -81,8 +81,13 @@ pub async fn lp2(broker: &dyn Broker, name: &str, target: &str, extra: &[(&str, 
 
 /// Waits until `/readyz` of each service answers 200.
 pub async fn ready(services: &[&Running]) {
+    ready_within(services, Duration::from_secs(20)).await;
+}
+
+/// [`ready`] with a longer wait.
+pub async fn ready_within(services: &[&Running], within: Duration) {
     for service in services {
-        lps_testkit::wait_ready(&service.server.url(READYZ_PATH), Duration::from_secs(20)).await;
+        lps_testkit::wait_ready(&service.server.url(READYZ_PATH), within).await;
     }
 }
 
