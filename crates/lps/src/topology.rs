@@ -194,155 +194,148 @@ fn spec(
     }
 }
 
+/// The services of a topology as they are added, in start order, with the ports they took.
+struct Builder<'a> {
+    ports: Ports<'a>,
+    specs: Vec<ServiceSpec>,
+}
+
+impl Builder<'_> {
+    /// One tier of three replicas: `name-{1,2,3}` on compose ports `base + {1,2,3}`.
+    fn tier(&mut self, name: &str, program: Program, base: u16, env: &TierEnv<'_>) {
+        let (entry, health) = match program {
+            Program::ArsComp1 => (true, Health::Http(HEALTHZ_PATH)),
+            Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http(READYZ_PATH)),
+            _ => (false, Health::Http(HEALTHZ_PATH)),
+        };
+        for i in 1..=3u16 {
+            let env = env(&mut self.ports, i);
+            let port = self.ports.get(base + i);
+            self.specs.push(spec(
+                format!("{name}-{i}"),
+                program,
+                port,
+                env,
+                entry,
+                health,
+            ));
+        }
+    }
+
+    /// The simulator (`ars-comp-3`) on 8084; returns its port.
+    fn simulator(&mut self) -> u16 {
+        let port = self.ports.get(8084);
+        let mut sim = spec(
+            "ars-comp-3".into(),
+            Program::RastSimulator,
+            port,
+            vec![],
+            false,
+            Health::Http(HEALTHZ_PATH),
+        );
+        sim.args.clone_from(&self.ports.options.simulator_args);
+        self.specs.push(sim);
+        port
+    }
+
+    /// The NG broker on 1883 when the run starts one; returns where the bridges reach it.
+    fn broker(&mut self, broker: Option<&Broker>) -> (String, u16) {
+        let local = |port| ("127.0.0.1".to_owned(), port);
+        match broker {
+            Some(Broker::External { host, port }) => (host.clone(), *port),
+            Some(Broker::Mosquitto { config }) => {
+                let port = self.ports.get(1883);
+                let mut mosquitto = spec(
+                    "mosquitto".into(),
+                    Program::Mosquitto,
+                    port,
+                    vec![],
+                    false,
+                    Health::Tcp,
+                );
+                mosquitto.args = vec!["-c".into(), config.display().to_string()];
+                self.specs.push(mosquitto);
+                local(port)
+            }
+            Some(Broker::Embedded { data }) => {
+                let port = self.ports.get(1883);
+                let env = vec![
+                    (ENV_MQTT_PORT, port.to_string()),
+                    (ENV_BROKER_DATA, data.display().to_string()),
+                ];
+                self.specs.push(spec(
+                    "embedded-broker".into(),
+                    Program::EmbeddedBroker,
+                    port,
+                    env,
+                    false,
+                    Health::Tcp,
+                ));
+                local(port)
+            }
+            None => local(self.ports.get(1883)),
+        }
+    }
+}
+
+/// Replica `i`'s `TARGET_URL`: the replica `i` of the tier on compose ports `hop + i`.
+fn relay_to(hop: u16) -> impl Fn(&mut Ports<'_>, u16) -> Vec<(&'static str, String)> {
+    move |ports, i| vec![(ENV_TARGET_URL, url(ports.get(hop + i)))]
+}
+
 /// The services of `topology`, in start order (backend first). `broker` is used by NG.
 pub fn services(
     topology: Topology,
     options: &Options,
     broker: Option<&Broker>,
 ) -> Vec<ServiceSpec> {
-    let mut ports = Ports {
-        options,
-        taken: std::collections::HashMap::new(),
+    let mut b = Builder {
+        ports: Ports {
+            options,
+            taken: std::collections::HashMap::new(),
+        },
+        specs: Vec::new(),
     };
-    let http2 = options.http2.to_string();
-    let sim_port = ports.get(8084);
-    let mut sim = spec(
-        "ars-comp-3".into(),
-        Program::RastSimulator,
-        sim_port,
-        vec![],
-        false,
-        Health::Http(HEALTHZ_PATH),
-    );
-    sim.args.clone_from(&options.simulator_args);
-    let mut specs = vec![sim];
-    // One tier of three replicas: `name-{1,2,3}` on compose ports `base + {1,2,3}`.
-    let tier = |specs: &mut Vec<ServiceSpec>,
-                ports: &mut Ports<'_>,
-                name: &str,
-                program,
-                base: u16,
-                env: &TierEnv<'_>| {
-        for i in 1..=3u16 {
-            let (entry, health) = match program {
-                Program::ArsComp1 => (true, Health::Http(HEALTHZ_PATH)),
-                Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http(READYZ_PATH)),
-                _ => (false, Health::Http(HEALTHZ_PATH)),
-            };
-            let env = env(ports, i);
-            specs.push(spec(
-                format!("{name}-{i}"),
-                program,
-                ports.get(base + i),
-                env,
-                entry,
-                health,
-            ));
-        }
-    };
-    let relay_to = |hop: u16| {
-        move |ports: &mut Ports<'_>, i: u16| vec![(ENV_TARGET_URL, url(ports.get(hop + i)))]
-    };
+    let http2 = || (ENV_USE_HTTP_2, options.http2.to_string());
+    let sim_port = b.simulator();
+    let to_simulator = |_: &mut Ports<'_>, _| vec![(ENV_TARGET_URL, url(sim_port))];
     // The broker the edge bridges WebSockets to (NG only).
     let mut edge_broker: Option<(String, u16)> = None;
     match topology {
-        Topology::Legacy => {
-            tier(
-                &mut specs,
-                &mut ports,
-                "ars-comp-2",
-                Program::ArsComp2,
-                8080,
-                &|_, _| vec![(ENV_TARGET_URL, url(sim_port))],
-            );
-        }
+        Topology::Legacy => b.tier("ars-comp-2", Program::ArsComp2, 8080, &to_simulator),
         Topology::Ng => {
-            let (mqtt_host, mqtt_port) = match broker {
-                Some(Broker::External { host, port }) => (host.clone(), *port),
-                Some(Broker::Mosquitto { config }) => {
-                    let port = ports.get(1883);
-                    let mut mosquitto = spec(
-                        "mosquitto".into(),
-                        Program::Mosquitto,
-                        port,
-                        vec![],
-                        false,
-                        Health::Tcp,
-                    );
-                    mosquitto.args = vec!["-c".into(), config.display().to_string()];
-                    specs.push(mosquitto);
-                    ("127.0.0.1".into(), port)
-                }
-                Some(Broker::Embedded { data }) => {
-                    let port = ports.get(1883);
-                    let env = vec![
-                        (ENV_MQTT_PORT, port.to_string()),
-                        (ENV_BROKER_DATA, data.display().to_string()),
-                    ];
-                    specs.push(spec(
-                        "embedded-broker".into(),
-                        Program::EmbeddedBroker,
-                        port,
-                        env,
-                        false,
-                        Health::Tcp,
-                    ));
-                    ("127.0.0.1".into(), port)
-                }
-                None => ("127.0.0.1".into(), ports.get(1883)),
-            };
-            edge_broker = Some((mqtt_host.clone(), mqtt_port));
+            let (mqtt_host, mqtt_port) = b.broker(broker);
             let mqtt = |mut env: Vec<(&'static str, String)>| {
                 env.push((ENV_MQTT_HOST, mqtt_host.clone()));
                 env.push((ENV_MQTT_PORT, mqtt_port.to_string()));
                 env
             };
-            tier(
-                &mut specs,
-                &mut ports,
-                "ars-comp-2",
-                Program::ArsComp2,
-                9080,
-                &|_, _| vec![(ENV_TARGET_URL, url(sim_port))],
-            );
-            tier(
-                &mut specs,
-                &mut ports,
-                "proxy2",
-                Program::LegacyProxy2,
-                9090,
-                &|ports, i| {
-                    let mut env = mqtt(relay_to(9080)(ports, i));
-                    env.push((ENV_USE_HTTP_2, http2.clone()));
-                    env
-                },
-            );
-            tier(
-                &mut specs,
-                &mut ports,
-                "proxy1",
-                Program::LegacyProxy1,
-                8080,
-                &|_, i| mqtt(vec![(ENV_MQTT_TOPIC, format!("proxy{i}/message"))]),
-            );
+            b.tier("ars-comp-2", Program::ArsComp2, 9080, &to_simulator);
+            b.tier("proxy2", Program::LegacyProxy2, 9090, &|ports, i| {
+                let mut env = mqtt(relay_to(9080)(ports, i));
+                env.push(http2());
+                env
+            });
+            b.tier("proxy1", Program::LegacyProxy1, 8080, &|_, i| {
+                mqtt(vec![(ENV_MQTT_TOPIC, format!("proxy{i}/message"))])
+            });
+            edge_broker = Some((mqtt_host, mqtt_port));
         }
     }
     // Both topologies end in the entry tier, each replica in front of port 8080 + i
     // (ars-comp-2 in the baseline, legacy-proxy-1 in NG).
-    tier(
-        &mut specs,
-        &mut ports,
-        "ars-comp-1",
-        Program::ArsComp1,
-        7080,
-        &|ports, i| {
-            let mut env = relay_to(8080)(ports, i);
-            env.push((ENV_USE_HTTP_2, http2.clone()));
-            env
-        },
-    );
+    b.tier("ars-comp-1", Program::ArsComp1, 7080, &|ports, i| {
+        let mut env = relay_to(8080)(ports, i);
+        env.push(http2());
+        env
+    });
+    let Builder {
+        mut ports,
+        mut specs,
+    } = b;
     if options.edge {
-        specs.push(edge(&mut ports, &specs, edge_broker));
+        let edge = edge(&mut ports, &specs, edge_broker);
+        specs.push(edge);
     }
     match &options.netem {
         Some(profile) => crate::netem::shape(specs, profile, options.ephemeral_ports),
@@ -520,10 +513,8 @@ mod tests {
         let legacy = services(Topology::Legacy, &with_edge, None);
         let edge = legacy.iter().find(|s| s.name == "edge").unwrap();
         assert_eq!(env(edge, ENV_WS_ENABLED), "false");
-        assert!(
-            services(Topology::Legacy, &Options::default(), None)
-                .iter()
-                .all(|s| s.name != "edge")
-        );
+        assert!(services(Topology::Legacy, &Options::default(), None)
+            .iter()
+            .all(|s| s.name != "edge"));
     }
 }
