@@ -42,6 +42,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -147,35 +148,50 @@ pub async fn serve(
         )
     };
     let proxy = async {
-        let (Some(listener), Some(proxy_config)) = (listeners.proxy, config.proxy.clone()) else {
-            return;
-        };
-        info!(
-            proxy_addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            auth = proxy_config.credentials.is_some(),
-            "proxy listening"
-        );
-        let max = proxy_config.max_connections;
-        let state = Arc::new(proxy::ProxyState::new(
-            proxy_config,
-            metrics.proxy.clone(),
-            dialer.clone(),
-            tracker.clone(),
-            shutdown.clone(),
-            hard_stop.clone(),
-        ));
-        net::accept_loop(
-            "proxy",
-            listener,
-            max,
-            shutdown.clone(),
-            tracker.clone(),
-            move |stream, peer, slot| proxy::connection(state.clone(), stream, peer, slot),
-        )
-        .await;
+        if let (Some(listener), Some(proxy_config)) = (listeners.proxy, config.proxy.clone()) {
+            let state = proxy::ProxyState::new(
+                proxy_config,
+                metrics.proxy.clone(),
+                dialer.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+                hard_stop.clone(),
+            );
+            serve_proxy(listener, state, &tracker, &shutdown).await;
+        }
     };
     tokio::join!(http, proxy);
-    let grace = config.server.shutdown_grace;
+    drain(&tracker, config.server.shutdown_grace, &hard_stop).await;
+    Ok(())
+}
+
+/// Accepts proxy clients on `listener` until `shutdown`.
+async fn serve_proxy(
+    listener: TcpListener,
+    state: proxy::ProxyState,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    info!(
+        proxy_addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+        auth = state.config.credentials.is_some(),
+        "proxy listening"
+    );
+    let max = state.config.max_connections;
+    let state = Arc::new(state);
+    net::accept_loop(
+        "proxy",
+        listener,
+        max,
+        shutdown.clone(),
+        tracker.clone(),
+        move |stream, peer, slot| proxy::connection(state.clone(), stream, peer, slot),
+    )
+    .await;
+}
+
+/// Waits up to `grace` for the tracked connections to finish, then closes what is left.
+async fn drain(tracker: &TaskTracker, grace: Duration, hard_stop: &CancellationToken) {
     info!(
         grace_ms = grace.as_millis() as u64,
         "stopped accepting; draining"
@@ -189,7 +205,6 @@ pub async fn serve(
         hard_stop.cancel();
         tracker.wait().await;
     }
-    Ok(())
 }
 
 async fn http_connection(

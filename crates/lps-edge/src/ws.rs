@@ -85,17 +85,32 @@ pub async fn upgrade(State(state): State<Arc<WsState>>, mut request: Request) ->
         )
             .into_response();
     };
+    let broker = match dial_broker(&state).await {
+        Ok(stream) => stream,
+        Err(refusal) => return refusal,
+    };
+    state.metrics.accepted.inc();
+    let peer = request.extensions().get::<crate::Peer>().map(|p| p.0);
+    spawn_bridge(state, on_upgrade, broker, slot, peer);
+    switching_protocols(accept, protocol)
+}
+
+/// Connects to the broker for one WebSocket; a failure is the response that refuses it.
+async fn dial_broker(state: &WsState) -> Result<tokio::net::TcpStream, Response> {
     let config = &state.config;
-    let broker = match state
+    let dialed = state
         .dialer
         .connect(
             &config.broker_host,
             config.broker_port,
             config.broker_connect_timeout,
         )
-        .await
-    {
-        Ok(stream) => stream,
+        .await;
+    match dialed {
+        Ok(stream) => {
+            crate::net::keepalive(&stream);
+            Ok(stream)
+        }
         Err(error) => {
             metrics::count(&state.metrics.rejected, "broker_unreachable");
             warn!(%error, "broker unreachable; WebSocket refused");
@@ -103,22 +118,29 @@ pub async fn upgrade(State(state): State<Arc<WsState>>, mut request: Request) ->
                 DialError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
                 DialError::Failed(..) => StatusCode::BAD_GATEWAY,
             };
-            return (
+            Err((
                 status,
                 [(header::RETRY_AFTER, "1")],
                 format!("broker: {error}"),
             )
-                .into_response();
+                .into_response())
         }
-    };
-    crate::net::keepalive(&broker);
-    state.metrics.accepted.inc();
-    let peer = request.extensions().get::<crate::Peer>().map(|p| p.0);
-    let task_state = state.clone();
+    }
+}
+
+/// Runs the bridge once hyper hands over the upgraded connection; the slot is held until
+/// the bridge closes.
+fn spawn_bridge(
+    state: Arc<WsState>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    broker: tokio::net::TcpStream,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    peer: Option<std::net::SocketAddr>,
+) {
     let span = info_span!("ws", peer = ?peer);
-    state.tracker.spawn(
+    let tracker = state.tracker.clone();
+    tracker.spawn(
         async move {
-            let state = task_state;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(error) => {
@@ -142,6 +164,10 @@ pub async fn upgrade(State(state): State<Arc<WsState>>, mut request: Request) ->
         }
         .instrument(span),
     );
+}
+
+/// The `101 Switching Protocols` answer to a handshake that was accepted.
+fn switching_protocols(accept: HeaderValue, protocol: Option<&'static str>) -> Response {
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

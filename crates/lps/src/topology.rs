@@ -513,8 +513,10 @@ mod tests {
         let legacy = services(Topology::Legacy, &with_edge, None);
         let edge = legacy.iter().find(|s| s.name == "edge").unwrap();
         assert_eq!(env(edge, ENV_WS_ENABLED), "false");
-        assert!(services(Topology::Legacy, &Options::default(), None)
-            .iter()
-            .all(|s| s.name != "edge"));
+        assert!(
+            services(Topology::Legacy, &Options::default(), None)
+                .iter()
+                .all(|s| s.name != "edge")
+        );
     }
 }
