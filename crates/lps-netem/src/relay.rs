@@ -79,30 +79,8 @@ pub(crate) async fn connection(client: TcpStream, shared: Arc<Shared>, cancel: C
     // the SYN-ACK and then the first data cross it: nothing the client sends arrives
     // before two forward delays and a reverse one have passed.
     let handshake = Instant::now() + shared.forward.delay() * 2 + shared.reverse.delay();
-    let target = shared.target;
-    let connect = tokio::select! {
-        () = cancel.cancelled() => return reset(client),
-        r = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(target)) => r,
-    };
-    let upstream = match connect {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            shared
-                .counters
-                .target_failures
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(%target, error = %e, "cannot connect to the target; resetting the client");
-            return reset(client);
-        }
-        Err(_) => {
-            shared
-                .counters
-                .target_failures
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(%target, timeout_ms = shared.connect_timeout.as_millis() as u64,
-                "connecting to the target timed out; resetting the client");
-            return reset(client);
-        }
+    let Some(upstream) = dial(&shared, &cancel).await else {
+        return reset(client);
     };
     // Small messages must not wait for Nagle: the emulated delay is the only one.
     let _ = client.set_nodelay(true);
@@ -156,6 +134,31 @@ pub(crate) async fn connection(client: TcpStream, shared: Arc<Shared>, cancel: C
             reset(upstream);
         }
     }
+}
+
+/// Connects to the relay's target; `None` (counted and logged) when that fails, times out
+/// or `cancel` fires.
+async fn dial(shared: &Shared, cancel: &CancellationToken) -> Option<TcpStream> {
+    let target = shared.target;
+    let connect = tokio::select! {
+        () = cancel.cancelled() => return None,
+        r = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(target)) => r,
+    };
+    match connect {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => {
+            warn!(%target, error = %e, "cannot connect to the target; resetting the client");
+        }
+        Err(_) => {
+            warn!(%target, timeout_ms = shared.connect_timeout.as_millis() as u64,
+                "connecting to the target timed out; resetting the client");
+        }
+    }
+    shared
+        .counters
+        .target_failures
+        .fetch_add(1, Ordering::Relaxed);
+    None
 }
 
 struct ActiveGuard(Arc<Shared>);

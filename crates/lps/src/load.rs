@@ -229,6 +229,20 @@ struct Counters {
     background_failed: AtomicU64,
 }
 
+impl Counters {
+    /// A report of the counts so far.
+    fn report(&self) -> LoadReport {
+        LoadReport {
+            sent: self.sent.load(Ordering::Relaxed),
+            ok: self.ok.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            background_ok: self.background_ok.load(Ordering::Relaxed),
+            background_failed: self.background_failed.load(Ordering::Relaxed),
+            ..LoadReport::default()
+        }
+    }
+}
+
 struct Shared {
     client: reqwest::Client,
     config: LoadConfig,
@@ -247,24 +261,14 @@ struct Shared {
 /// Runs the load; returns when it is over and every started alarm finished (or gave up).
 pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<LoadReport> {
     let transport = Transport::of(&config.entries)?;
-    let mut builder = reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(4096)
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(60));
-    builder = if config.http2 {
-        builder.http2_prior_knowledge()
-    } else {
-        builder.http1_only()
-    };
+    let client = alarm_client(config.http2)?;
     let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
     let writer = tokio::task::spawn_blocking({
         let path = config.ledger.clone();
         move || write_ledger(&path, rx)
     });
     let shared = Arc::new(Shared {
-        client: builder.build()?,
+        client,
         config,
         counters: Counters::default(),
         ledger: tx,
@@ -312,20 +316,40 @@ pub async fn run(config: LoadConfig, stop: CancellationToken) -> anyhow::Result<
     }
     let elapsed = started.elapsed();
     shared.devices.disconnect().await;
-    let counters = &shared.counters;
-    let mut report = LoadReport {
-        sent: counters.sent.load(Ordering::Relaxed),
-        ok: counters.ok.load(Ordering::Relaxed),
-        retries: counters.retries.load(Ordering::Relaxed),
-        background_ok: counters.background_ok.load(Ordering::Relaxed),
-        background_failed: counters.background_failed.load(Ordering::Relaxed),
+    let report = LoadReport {
         elapsed,
         steps,
         start_us,
         end_us: records::now_us(),
-        ..LoadReport::default()
+        ..shared.counters.report()
     };
     drop(shared);
+    complete(report, writer).await
+}
+
+/// The client the users send alarms with: pooled, `TCP_NODELAY`, no proxy from the
+/// environment, HTTP/1.1 or h2c (prior knowledge).
+fn alarm_client(http2: bool) -> reqwest::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(4096)
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(60));
+    if http2 {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    }
+    .build()
+}
+
+/// Completes `report` once the ledger writer has written every record (the senders are
+/// gone): the failures and the sorted response times.
+async fn complete(
+    mut report: LoadReport,
+    writer: tokio::task::JoinHandle<anyhow::Result<Vec<f64>>>,
+) -> anyhow::Result<LoadReport> {
     let mut response_ms = writer.await??;
     response_ms.sort_by(f64::total_cmp);
     report.failed = report.sent.saturating_sub(report.ok);
