@@ -98,7 +98,7 @@ impl Process {
 }
 
 /// The parent of `pid` from `/proc/<pid>/stat`; a zombie counts as gone.
-fn parent_of(pid: i32) -> Option<i32> {
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
     let mut rest = stat.rsplit_once(')')?.1.split_whitespace();

@@ -9,6 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lps::stale::parent_of;
 use lps_common::config::{ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_SERVICE_NAME};
 use lps_testkit::eventually;
 use nix::sys::signal::Signal;
@@ -89,7 +90,7 @@ impl Lps {
     fn children(&self) -> Vec<i32> {
         processes()
             .into_iter()
-            .filter(|&p| parent(p) == Some(self.pid))
+            .filter(|&p| parent_of(p) == Some(self.pid))
             .collect()
     }
 }
@@ -99,17 +100,6 @@ fn processes() -> Vec<i32> {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-/// The parent of a live process (`None`: gone, or a zombie).
-fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = rest.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    rest.next()?.parse().ok()
 }
 
 fn environment(pid: i32, key: &str) -> Option<String> {
@@ -127,7 +117,7 @@ fn environment(pid: i32, key: &str) -> Option<String> {
 fn marked(supervisor: i32) -> Vec<i32> {
     processes()
         .into_iter()
-        .filter(|&p| parent(p).is_some())
+        .filter(|&p| parent_of(p).is_some())
         .filter(|&p| environment(p, "LPS_SUPERVISOR") == Some(supervisor.to_string()))
         .collect()
 }
@@ -173,7 +163,7 @@ fn left(supervisor: i32, pids: &[i32], ports: &[u16]) -> Option<String> {
     let mut alive: Vec<i32> = pids
         .iter()
         .copied()
-        .filter(|&p| parent(p).is_some())
+        .filter(|&p| parent_of(p).is_some())
         .collect();
     for pid in marked(supervisor) {
         if !alive.contains(&pid) {
@@ -320,7 +310,7 @@ async fn a_closed_terminal_stops_every_service_cleanly() {
     assert!(shown.contains("press Ctrl-C"), "{shown}");
     let pids: Vec<i32> = processes()
         .into_iter()
-        .filter(|&p| parent(p) == Some(pid))
+        .filter(|&p| parent_of(p) == Some(pid))
         .collect();
     assert_eq!(pids.len(), 7, "{pids:?}");
     let ports: Vec<u16> = pids.iter().map(|&p| port_of(p)).collect();

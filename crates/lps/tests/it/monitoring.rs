@@ -7,13 +7,12 @@
 //! entry and one poison message that legacy-proxy-2 dead-letters, so that the labelled
 //! families (publish outcomes, routes, dead-letter reasons) have samples.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::Up;
 use lps_common::mqtt::mqtt5::{MqttClient, PublishOptions, QoS};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const DASHBOARD: &str = "monitoring/grafana/dashboards/lps.json";
 /// Prometheus configuration per compose file.
@@ -317,62 +316,6 @@ fn prometheus_scrapes_every_service_of_its_compose_file() {
 // The metrics of a running topology
 // ---------------------------------------------------------------------------------------
 
-/// `lps up ng --ephemeral-ports` with every service's address (`name → URL`), stopped
-/// with SIGINT (as Ctrl-C) when dropped.
-struct Topology {
-    child: tokio::process::Child,
-    services: BTreeMap<String, String>,
-}
-
-impl Topology {
-    async fn start(run: &Path) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lps"))
-            .args(["up", "ng", "--ephemeral-ports", "--out"])
-            .arg(run)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut services = BTreeMap::new();
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                if let [name, url, ..] = words.as_slice()
-                    && (url.starts_with("http://") || url.starts_with("mqtt://"))
-                {
-                    services.insert((*name).to_owned(), (*url).to_owned());
-                }
-                if line.contains("press Ctrl-C") {
-                    return;
-                }
-            }
-            panic!("lps up ended before the topology was up");
-        })
-        .await
-        .expect("topology up within 60 s");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, services }
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        if let Some(id) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(id).unwrap());
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            for _ in 0..200 {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 /// One sample line of the exposition format: metric name and labels.
 fn sample(line: &str) -> Option<(String, Vec<(String, String)>)> {
     if line.starts_with('#') || line.trim().is_empty() {
@@ -401,7 +344,7 @@ async fn every_metric_the_dashboard_queries_is_exposed_by_a_service() {
     let queries = dashboard_queries();
     assert!(queries.len() >= 6, "{queries:?}");
     let dir = tempfile::tempdir().unwrap();
-    let up = Topology::start(&dir.path().join("run")).await;
+    let up = Up::start(&["ng"], dir.path().join("run")).await;
     let client = lps_testkit::http1_client();
 
     // One alarm through an entry: the request, publish and delivery families get samples.
@@ -487,7 +430,7 @@ async fn every_metric_the_dashboard_queries_is_exposed_by_a_service() {
     ];
     assert_eq!(unmatched(&bogus, &samples).len(), 2);
     let _ = publisher.disconnect().await;
-    drop(up);
+    up.stop().await;
 }
 
 /// `(service, metric, labels)` of one scraped sample.

@@ -1,5 +1,6 @@
 //! Helpers shared by the tests of `lps` as a process.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,6 +16,8 @@ pub struct Up {
     pub entries: Vec<String>,
     /// The simulator's base URL.
     pub simulator: String,
+    /// Every service's base URL by name (`mqtt://` for a broker), from the run folder.
+    pub services: BTreeMap<String, String>,
 }
 
 impl Up {
@@ -59,11 +62,13 @@ impl Up {
             .unwrap_or_default();
         assert_eq!(entries.len(), 3, "three entry services");
         assert!(simulator.starts_with("http://127.0.0.1:"), "{simulator}");
+        let services = services.into_iter().map(|s| (s.name, s.url)).collect();
         Self {
             child,
             run,
             entries,
             simulator,
+            services,
         }
     }
 
