@@ -357,21 +357,14 @@ pub async fn wait_ready(url: &str, within: Duration) {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `within` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    match lps_common::poll::poll_until(within, Duration::from_millis(20), check).await {
+        Some(value) => value,
+        None => panic!("timed out after {within:?} waiting for {what}"),
     }
 }
 

@@ -88,7 +88,7 @@ impl Mosquitto {
             .append(true)
             .open(self.dir.path().join("mosquitto.stderr"))
             .expect("mosquitto stderr file");
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -97,24 +97,30 @@ impl Mosquitto {
             .kill_on_drop(true)
             .spawn()
             .expect("start mosquitto");
+        let port = self.port;
+        // `Some(None)`: listening; `Some(Some(status))`: exited.
+        let started = lps_common::poll::poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                let exited = child.try_wait().ok().flatten();
+                async move {
+                    if let Some(status) = exited {
+                        return Some(Some(status));
+                    }
+                    let listening = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok();
+                    listening.then_some(None)
+                }
+            },
+        )
+        .await;
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("mosquitto exited ({status}); log:\n{}", self.log());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "mosquitto not listening within 10 s; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match started {
+            Some(None) => {}
+            Some(Some(status)) => panic!("mosquitto exited ({status}); log:\n{}", self.log()),
+            None => panic!("mosquitto not listening within 10 s; log:\n{}", self.log()),
         }
     }
 

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use lps_common::poll::poll_until;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -267,18 +268,18 @@ pub async fn make_room(ports: &[u16], replace: bool) -> anyhow::Result<()> {
     }
     eprintln!("--replace: stopping {what}");
     stop(&leftovers.keys().copied().collect::<Vec<_>>()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let still = self::taken(ports);
-        if still.is_empty() {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "ports {still:?} are still taken after stopping the services left behind"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let freed = poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        async || self::taken(ports).is_empty().then_some(()),
+    )
+    .await;
+    anyhow::ensure!(
+        freed.is_some(),
+        "ports {:?} are still taken after stopping the services left behind",
+        self::taken(ports)
+    );
+    Ok(())
 }
 
 /// SIGTERM to `pids`, SIGKILL to those still there after [`GRACE`]; returns once all are

@@ -25,6 +25,7 @@ use anyhow::{Context, bail};
 use lps_common::config::{
     ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG, ENV_LOG_DIR, ENV_REPLAY_JOURNAL_DIR, ENV_SERVICE_NAME,
 };
+use lps_common::poll::poll_until;
 pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -108,6 +109,9 @@ pub fn local_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .timeout(timeout)
         .build()
 }
+
+/// How long a service may take to become healthy.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 
 /// A running service.
 #[derive(Debug)]
@@ -237,35 +241,42 @@ impl Supervisor {
             Health::Http(path) => format!("{}{path}", service.base_url()),
             Health::Tcp => format!("127.0.0.1:{}", service.spec.port),
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = service.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}) before it was healthy; see {}",
-                    service.spec.name,
-                    self.tail(&service.spec.name)
-                );
-            }
-            let healthy = match service.spec.health {
-                Health::Http(_) => self
-                    .client
-                    .get(&what)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success()),
-                Health::Tcp => tokio::net::TcpStream::connect(&what).await.is_ok(),
+        let health = service.spec.health;
+        let checked = poll_until(HEALTHY_WITHIN, Duration::from_millis(25), || {
+            let exited = match service.child.try_wait() {
+                Ok(Some(status)) => Some(format!("exited ({status})")),
+                Err(error) => Some(format!("cannot be waited for: {error}")),
+                Ok(None) => None,
             };
-            if healthy {
-                return Ok(());
+            let (client, what) = (self.client.clone(), what.clone());
+            async move {
+                if let Some(why) = exited {
+                    return Some(Err(why));
+                }
+                let healthy = match health {
+                    Health::Http(_) => client
+                        .get(&what)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    Health::Tcp => tokio::net::TcpStream::connect(&what).await.is_ok(),
+                };
+                healthy.then_some(Ok(()))
             }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "{} not healthy at {what} within 30 s; see {}",
-                    service.spec.name,
-                    self.tail(&service.spec.name)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        })
+        .await;
+        let name = &service.spec.name;
+        match checked {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => bail!(
+                "{name} {why} before it was healthy; see {}",
+                self.tail(name)
+            ),
+            None => bail!(
+                "{name} not healthy at {what} within {} s; see {}",
+                HEALTHY_WITHIN.as_secs(),
+                self.tail(name)
+            ),
         }
     }
 
