@@ -30,6 +30,8 @@
 //! `tests/it` checks the broker against the MQTT v5 specification side by side with
 //! Mosquitto (README.adoc has the table).
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -20,6 +20,8 @@
 //! | `mqtt_payload` | the payload | `wire::validate_payload` (legacy-proxy-2's check) |
 //! | `simulator_command` | `METHOD /path`, Request-Id, body | the simulator's router |
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

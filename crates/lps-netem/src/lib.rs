@@ -36,6 +36,8 @@
 //! of `lps-common` (`SERVICE_NAME`, `LOG`, `LOG_FORMAT`, `LOG_DIR`); [`config`] documents
 //! each.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod config;
 mod link;
 pub mod profile;

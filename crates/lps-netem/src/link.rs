@@ -104,7 +104,7 @@ impl Bucket {
 }
 
 impl Link {
-    pub fn new(profile: &Profile, seed: u64, now: Instant) -> Self {
+    pub(crate) fn new(profile: &Profile, seed: u64, now: Instant) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
         let loss_last = rng.random::<f64>();
         Self {
@@ -127,13 +127,13 @@ impl Link {
     }
 
     /// The mean one-way delay.
-    pub fn delay(&self) -> Duration {
+    pub(crate) fn delay(&self) -> Duration {
         Duration::from_secs_f64(self.delay)
     }
 
     /// When a reader should read again, if the bucket's queue is full: the bookings run
     /// more than netem's 1000 frames past the bucket. `None`: read now.
-    pub fn read_gate(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn read_gate(&self, now: Instant) -> Option<Instant> {
         if self.passthrough {
             return None;
         }
@@ -145,7 +145,13 @@ impl Link {
 
     /// Appends to `out` the pieces the `len` bytes read at `now` are delivered in.
     /// `last_due` is the connection's latest due instant in this direction.
-    pub fn schedule(&self, now: Instant, len: usize, last_due: &mut Instant, out: &mut Vec<Piece>) {
+    pub(crate) fn schedule(
+        &self,
+        now: Instant,
+        len: usize,
+        last_due: &mut Instant,
+        out: &mut Vec<Piece>,
+    ) {
         self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
         if self.passthrough {
             out.push(Piece {
