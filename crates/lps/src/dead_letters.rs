@@ -28,6 +28,7 @@ pub struct DeadLettersArgs {
     /// The listing is complete once no letter arrived for this many milliseconds.
     #[arg(long, global = true, default_value_t = 1000)]
     pub quiet_ms: u64,
+    /// What to do with them.
     #[command(subcommand)]
     pub action: Action,
 }

@@ -6,6 +6,8 @@
 //! is this executable re-run as `lps service <program>`, so `cargo run -p lps` is all a
 //! machine with the Rust toolchain needs.
 
+#![warn(missing_docs)]
+
 pub mod analyze;
 pub mod bench;
 pub mod broker;
