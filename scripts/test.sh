@@ -12,7 +12,10 @@ step() { printf '\n==> %s\n' "$*"; }
 #   Receive Maximum above 1; its backports suite has 2.0.21, so prefer that;
 # - docker-compose, to validate the compose files (`docker-compose config`, no engine);
 # - shellcheck, for Automations/ and scripts/;
-# - python3 with venv, for the Locust test (scripts/locust-env.sh makes the venv).
+# - python3 with venv, for the Locust test (scripts/locust-env.sh makes the venv);
+# - kubectl, for the Kubernetes wiring test (`kubectl kustomize` renders deploy/k8s/; no
+#   cluster). Debian's kubernetes-client (1.20, kustomize v2.0.3) is enough: the overlays
+#   are written for it.
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 export DEBIAN_FRONTEND=noninteractive
 apt_updated=
@@ -43,6 +46,8 @@ echo "mosquitto: $( (mosquitto -h 2>/dev/null || /usr/sbin/mosquitto -h 2>/dev/n
 missing=()
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -55,6 +60,7 @@ fi
 echo "docker-compose: $(docker-compose version --short 2>/dev/null)"
 echo "shellcheck: $(shellcheck --version | awk '/^version:/ {print $2}')"
 echo "python3: $(python3 --version 2>&1)"
+echo "kubectl: $(kubectl version --client 2>/dev/null | head -n 1)"
 
 step "cargo test --workspace"
 log=$(mktemp)

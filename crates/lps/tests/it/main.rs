@@ -5,6 +5,7 @@ mod bench;
 mod compose;
 mod demo;
 mod devices;
+mod k8s;
 mod kills;
 mod lifecycle;
 mod load;
