@@ -31,6 +31,23 @@
 //!   crash of the broker *and* this bridge together (a host crash) loses nothing either:
 //!   after a restart the bridge replays what the journal holds from its last window.
 //!
+//! Two conditions stop it from admitting, both logged at `error`:
+//!
+//! - **A broker without QoS 2.** After every (re)connect, and before the probe, the bridge
+//!   checks that the broker grants `MQTT_QOS` (its CONNACK Maximum QoS, read through one
+//!   empty publish to `lps/capability`); a broker that does not is refused: `/readyz` stays
+//!   503 and the check is repeated at `MQTT_RECONNECT_MAX_MS`.
+//! - **Session taken over.** When another instance connects with the same `SERVICE_NAME`,
+//!   the broker moves the session (with any QoS 2 handshake still open) to it and sends
+//!   this one DISCONNECT 0x8E. This instance does not reconnect (it would take the session
+//!   back, and the two would displace each other for ever): it closes the gate, answers
+//!   503 to every request not yet completed (none gets 200 without its PUBCOMP; a PUBREL
+//!   left open is finished by the new instance on the session it took), stops serving,
+//!   and exits with code 3 ([`lps_common::mqtt::EXIT_SESSION_TAKEN_OVER`]). The 0x8E can
+//!   be lost under load; the ownership record of [`lps_common::mqtt`] catches that, and
+//!   after any reconnect the bridge admits nothing before the record confirmed it still
+//!   owns the id.
+//!
 //! Environment: the server and logging variables of `lps-common`, the broker variables of
 //! [`lps_common::mqtt`], and `MQTT_TOPIC`, `MQTT_QOS`, `PUBLISH_TIMEOUT_MS`,
 //! `MQTT_MAX_INFLIGHT`, `REPLAY_WINDOW_MS`, `REPLAY_JOURNAL_DIR`, `SUBSCRIBER_PROBE`,
@@ -61,7 +78,7 @@ use lps_common::config::{
     Env, Lookup, ServerConfig,
 };
 use lps_common::mqtt::mqtt5::{QoS, SubscribeOptions};
-use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
+use lps_common::mqtt::{Capability, Completed, Link, MqttConfig, PublishError, SessionTakenOver};
 use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::wire::{PROBE_PROPERTY, PROBE_TOPIC, STORE_PATH, probe_reply_topic};
@@ -246,6 +263,7 @@ impl Bridge {
     /// published again before the first request is admitted) and registers the metrics.
     async fn new(config: Config, registry: &mut Registry) -> anyhow::Result<Arc<Self>> {
         let link = Link::new(config.mqtt.clone(), config.mqtt.connect_options()).await?;
+        link.guard_ownership();
         let mut replay = Replay::default();
         let journal = match &config.journal_dir {
             Some(dir) if !config.replay_window.is_zero() => {
@@ -297,33 +315,59 @@ impl Bridge {
     }
 
     /// Connects and keeps the admission gate, probe and replay in step with the
-    /// connection until `shutdown` fires; then disconnects.
-    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// connection until `shutdown` fires; then disconnects. When another client takes over
+    /// the session, it closes the gate, cancels `serving` (the HTTP server drains: what is
+    /// in flight ends in 503) and returns the takeover.
+    async fn run(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        serving: CancellationToken,
+    ) -> Result<(), SessionTakenOver> {
         let reply_topic = probe_reply_topic(&self.config.mqtt.client_id);
-        if !self.link.connect(&shutdown).await {
-            return;
+        let mut taken_over = false;
+        if self.link.connect(&shutdown).await {
+            taken_over = self.follow(&shutdown, &reply_topic).await;
         }
+        self.close_gate().await;
+        if taken_over || self.link.is_taken_over() {
+            error!(
+                client_id = %self.config.mqtt.client_id,
+                exit_code = lps_common::mqtt::EXIT_SESSION_TAKEN_OVER,
+                "another instance connected with this SERVICE_NAME and took over the broker session (DISCONNECT 0x8E); not reconnecting, answering 503 to what is in flight and stopping"
+            );
+            serving.cancel();
+            return Err(SessionTakenOver {
+                client_id: self.config.mqtt.client_id.clone(),
+            });
+        }
+        self.link.disconnect().await;
+        Ok(())
+    }
+
+    /// Follows the connection until `shutdown` (false) or a session takeover (true).
+    async fn follow(&self, shutdown: &CancellationToken, reply_topic: &str) -> bool {
         let mut state = self.link.state();
         loop {
             let current = *state.borrow_and_update();
+            if current.taken_over {
+                return true;
+            }
             self.metrics.connected.set(i64::from(current.connected));
             if !current.connected || *self.admitted.borrow() != current.connects {
                 self.close_gate().await;
             }
             if current.connected && *self.admitted.borrow() != current.connects {
                 tokio::select! {
-                    () = self.admit(current.connects, &reply_topic) => {}
+                    () = self.admit(current.connects, reply_topic, shutdown) => {}
                     _ = state.changed() => continue,
-                    () = shutdown.cancelled() => break,
+                    () = shutdown.cancelled() => return false,
                 }
             }
             tokio::select! {
-                changed = state.changed() => if changed.is_err() { break },
-                () = shutdown.cancelled() => break,
+                changed = state.changed() => if changed.is_err() { return false },
+                () = shutdown.cancelled() => return false,
             }
         }
-        self.close_gate().await;
-        self.link.disconnect().await;
     }
 
     async fn close_gate(&self) {
@@ -335,9 +379,15 @@ impl Bridge {
         }
     }
 
-    /// After a (re)connect: probe for a subscriber, publish again what an earlier
-    /// connection completed, then admit requests on this generation.
-    async fn admit(&self, generation: u64, reply_topic: &str) {
+    /// After a (re)connect: check that the broker grants the QoS asked for, probe for a
+    /// subscriber, publish again what an earlier connection completed, then admit requests
+    /// on this generation.
+    async fn admit(&self, generation: u64, reply_topic: &str, shutdown: &CancellationToken) {
+        // After a reconnect, first make sure this instance still owns the client id: a
+        // displaced one that reconnected must not publish (a packet id the new owner left
+        // open on the session would make the broker drop the message as a duplicate).
+        self.link.owner_confirmed(generation).await;
+        self.check_broker(shutdown).await;
         self.subscribe_probe_replies(reply_topic).await;
         if self.config.probe {
             self.probe(generation, reply_topic).await;
@@ -348,6 +398,31 @@ impl Bridge {
         self.admitting.store(true, Ordering::Release);
         self.metrics.admitted.set(1);
         info!(generation, "admitting requests");
+    }
+
+    /// Returns once the broker granted `MQTT_QOS` on this connection; a broker that does
+    /// not is refused (logged, asked again at the longest reconnect delay).
+    async fn check_broker(&self, shutdown: &CancellationToken) {
+        loop {
+            match self
+                .link
+                .grants_qos(self.config.mqtt.qos, self.config.publish_timeout)
+                .await
+            {
+                Ok(true) => return,
+                Ok(false) => self.link.refuse_broker(Capability::Qos2, shutdown).await,
+                Err(PublishError::Indeterminate(error)) => {
+                    // A broker that answers slowly is not one that lacks QoS 2; each
+                    // request's publish checks again, and waits for its own handshake.
+                    debug!(%error, "capability check not answered in time; admitting");
+                    return;
+                }
+                Err(error) => {
+                    debug!(%error, "capability check not answered; asking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 
     async fn subscribe_probe_replies(&self, reply_topic: &str) {
@@ -641,7 +716,8 @@ fn app(bridge: Arc<Bridge>, registry: Registry, max_body_bytes: usize) -> Router
 }
 
 /// Connects, serves `listener` until `shutdown` fires, lets in-flight requests finish their
-/// handshakes, then disconnects. What the binary runs (see [`run`]) and what the tests run.
+/// handshakes, then disconnects. Returns [`SessionTakenOver`] (exit code 3 in the binary)
+/// when another instance took over the broker session. What the binary runs (see [`run`]) and what the tests run.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -651,13 +727,17 @@ pub async fn serve(
     let server = config.server.clone();
     let bridge = Bridge::new(config, &mut registry).await?;
     let stop_mqtt = CancellationToken::new();
-    let mqtt = tokio::spawn(bridge.clone().run(stop_mqtt.clone()));
+    // Cancelled by the bridge too, when its session is taken over.
+    let serving = shutdown.child_token();
+    let mqtt = tokio::spawn(bridge.clone().run(stop_mqtt.clone(), serving.clone()));
     let app = app(bridge, registry, server.max_body_bytes);
-    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, shutdown).await;
+    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, serving).await;
     // Only now, with every request answered, close the broker connection.
     stop_mqtt.cancel();
-    let _ = mqtt.await;
-    served
+    match mqtt.await {
+        Ok(Err(taken_over)) => Err(taken_over.into()),
+        _ => served,
+    }
 }
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.

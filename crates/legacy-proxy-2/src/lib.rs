@@ -40,6 +40,23 @@
 //!
 //! Serves `/healthz`, `/readyz` (all three clients connected and subscribed) and
 //! `/metrics` on `HTTP_PORT`.
+//!
+//! A broker that lacks what the bridge needs is refused: before subscribing, each client
+//! checks that the broker grants `MQTT_QOS` (its CONNACK Maximum QoS, read through one empty
+//! publish to `lps/capability`), and a `$share` subscription that the CONNACK (Shared
+//! Subscription Available = 0) or the SUBACK (0x9E) refuses is not retried in a loop: both
+//! are logged at `error` naming the capability, `/readyz` stays 503, and the check is
+//! repeated at `MQTT_RECONNECT_MAX_MS`.
+//!
+//! Session takeover: when another instance connects with the same `SERVICE_NAME` (a
+//! rescheduled pod whose old one is still up), the broker moves the three sessions to it,
+//! with every message this one holds unacknowledged, and sends DISCONNECT 0x8E. This
+//! instance does not reconnect (it would take the sessions back, and the two would
+//! displace each other for ever); it logs one `error` line, takes no new messages, abandons
+//! those in flight without acknowledging them (no acknowledgement can reach the broker any
+//! more; the new owner receives them again, marked DUP, so a message whose forward had
+//! already succeeded arrives twice: a duplicate, never a loss), stops its admin server and
+//! exits with code 3 ([`lps_common::mqtt::EXIT_SESSION_TAKEN_OVER`]).
 
 // Stricter than the workspace: a library documents what it exports, and `pub` means
 // exported (`pub(crate)` otherwise).
@@ -61,8 +78,11 @@ use lps_common::config::{
     ENV_RETRY_BACKOFF_MAX_MS, ENV_RETRY_BACKOFF_MS, Env, Lookup, ServerConfig,
 };
 use lps_common::mqtt::mqtt5::packet::publish::PublishPacket;
-use lps_common::mqtt::mqtt5::{AckToken, PublishOptions, QoS, SubscribeOptions};
-use lps_common::mqtt::{Completed, Link, MqttConfig, PublishError};
+use lps_common::mqtt::mqtt5::{AckToken, MqttError, PublishOptions, QoS, SubscribeOptions};
+use lps_common::mqtt::{
+    Capability, Completed, Link, MqttConfig, PublishError, SessionTakenOver,
+    lacks_shared_subscriptions,
+};
 use lps_common::request_id::RequestId;
 use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
@@ -387,6 +407,9 @@ impl Bridge {
         let retries = Link::new(retry_mqtt.clone(), subscriber(&retry_mqtt)).await?;
         let control_mqtt = config.mqtt.companion("control");
         let control = Link::new(control_mqtt.clone(), control_mqtt.ephemeral_options()).await?;
+        for link in [&traffic, &retries, &control] {
+            link.guard_ownership();
+        }
         let upstream = Upstream::new(&config.upstream, registry)?;
         Ok(Arc::new(Self {
             traffic: Client::new(traffic),
@@ -415,8 +438,55 @@ impl Bridge {
     /// Connects, subscribes (again after every CONNACK: Mosquitto does not restore shared
     /// subscriptions after a restart), and handles messages until `shutdown` fires. Then
     /// it takes no new messages, lets the ones in flight finish (forwarded, retried or
-    /// dead-lettered, and acknowledged) within `grace`, and disconnects.
-    async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
+    /// dead-lettered, and acknowledged) within `grace`, and disconnects. When another
+    /// client takes over one of the sessions it stops at once instead (see the crate
+    /// docs), cancels `shutdown` (the admin server stops too) and returns the takeover.
+    async fn run(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), SessionTakenOver> {
+        // Any of the three sessions taken over stops the whole bridge.
+        let taken = Arc::new(std::sync::OnceLock::<String>::new());
+        let watch_takeover = {
+            let (this, taken, stop) = (self.clone(), taken.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let links = [&this.traffic.link, &this.retries.link, &this.control.link];
+                let [a, b, c] = links.map(Link::taken_over);
+                let client_id = tokio::select! {
+                    () = a => links[0].client_id(),
+                    () = b => links[1].client_id(),
+                    () = c => links[2].client_id(),
+                    () = stop.cancelled() => return,
+                };
+                let _ = taken.set(client_id.to_owned());
+                this.ready.store(false, Ordering::Release);
+                error!(
+                    client_id,
+                    exit_code = lps_common::mqtt::EXIT_SESSION_TAKEN_OVER,
+                    "another instance connected with this SERVICE_NAME and took over the broker session (DISCONNECT 0x8E); not reconnecting, leaving unacknowledged messages to it and stopping"
+                );
+                stop.cancel();
+            })
+        };
+        self.clone()
+            .work(shutdown.clone(), grace, taken.clone())
+            .await;
+        watch_takeover.abort();
+        match taken.get() {
+            Some(client_id) => Err(SessionTakenOver {
+                client_id: client_id.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn work(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        grace: Duration,
+        taken: Arc<std::sync::OnceLock<String>>,
+    ) {
         let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
         let mut inboxes = Vec::new();
         for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
@@ -445,6 +515,8 @@ impl Bridge {
         let control = self.clone();
         background.spawn(keep_subscribed(
             &self.control,
+            self.config.mqtt.qos,
+            self.config.publish_timeout,
             stop_background.clone(),
             move || control.clone().subscribe_probes(),
         ));
@@ -455,6 +527,8 @@ impl Bridge {
             let this = self.clone();
             background.spawn(keep_subscribed(
                 self.client(path),
+                self.config.mqtt.qos,
+                self.config.publish_timeout,
                 stop_background.clone(),
                 move || {
                     let this = this.clone();
@@ -472,7 +546,6 @@ impl Bridge {
                             .subscribe_with_ack(filter, options, enqueue(tx))
                             .await
                             .map(|_| ())
-                            .map_err(|e| e.to_string())
                     }
                 },
             ));
@@ -490,11 +563,25 @@ impl Bridge {
         }
         self.ready.store(false, Ordering::Release);
         work.close();
-        info!(
-            in_flight = work.len(),
-            "taking no new messages; finishing those in flight"
-        );
-        if tokio::time::timeout(grace, work.wait()).await.is_err() {
+        // After a takeover no acknowledgement can reach the broker: the sessions, with
+        // every message in flight here, belong to the new instance, which gets them again.
+        let grace = if taken.get().is_some() {
+            Duration::ZERO
+        } else {
+            info!(
+                in_flight = work.len(),
+                "taking no new messages; finishing those in flight"
+            );
+            grace
+        };
+        if grace.is_zero() {
+            if !work.is_empty() {
+                info!(
+                    abandoned = work.len(),
+                    "session taken over: abandoning messages in flight; the new owner receives them again"
+                );
+            }
+        } else if tokio::time::timeout(grace, work.wait()).await.is_err() {
             warn!(
                 left = work.len(),
                 "grace period over; unacknowledged messages will be redelivered"
@@ -572,7 +659,7 @@ impl Bridge {
 
     /// Subscribes the control client to probes: each is answered (the token back to the
     /// reply topic it names) while both message subscriptions are live.
-    async fn subscribe_probes(self: Arc<Self>) -> Result<(), String> {
+    async fn subscribe_probes(self: Arc<Self>) -> Result<(), MqttError> {
         let options = SubscribeOptions {
             qos: QoS::AtLeastOnce,
             ..SubscribeOptions::default()
@@ -618,7 +705,6 @@ impl Bridge {
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     /// Handles one message in a `message` span (debug level: below it the span is never
@@ -884,29 +970,69 @@ impl Bridge {
 }
 
 /// Re-subscribes `client` after every CONNACK (and every second while a subscribe fails),
-/// keeping `client.live` equal to "subscribed on the current connection".
+/// keeping `client.live` equal to "subscribed on the current connection". Before
+/// subscribing it checks that the broker grants `qos`; a broker that does not, or that
+/// refuses a shared subscription, is refused (logged at `error`, not live, asked again at
+/// the longest reconnect delay).
 fn keep_subscribed<F, Fut>(
     client: &Client,
+    qos: QoS,
+    check_timeout: Duration,
     stop: CancellationToken,
     subscribe: F,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    Fut: Future<Output = Result<(), MqttError>> + Send,
 {
     let mut state = client.link.state();
     let live = client.live.clone();
+    let link = client.link.clone();
     async move {
         loop {
             let current = *state.borrow_and_update();
             let mut retry = false;
+            let mut refused = None;
             if current.connected {
+                match link.grants_qos(qos, check_timeout).await {
+                    Ok(true) => {}
+                    Ok(false) => refused = Some(Capability::Qos2),
+                    // Slow, not lacking: subscribe (a republish checks its QoS again).
+                    Err(PublishError::Indeterminate(error)) => {
+                        debug!(%error, "capability check not answered in time; subscribing");
+                    }
+                    Err(error) => {
+                        debug!(%error, "capability check not answered; asking again");
+                        retry = true;
+                    }
+                }
+            }
+            if let Some(capability) = refused {
+                live.send_replace(false);
+                link.refuse_broker(capability, &stop).await;
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            if retry {
+                live.send_replace(false);
+            } else if current.connected {
                 match subscribe().await {
                     Ok(()) => {
                         // Still the same connection? Otherwise go round again.
                         let same = state.borrow().connects == current.connects;
                         live.send_replace(same && state.borrow().connected);
                         debug!(connects = current.connects, "subscribed");
+                    }
+                    Err(e) if lacks_shared_subscriptions(&e) => {
+                        live.send_replace(false);
+                        link.refuse_broker(Capability::SharedSubscriptions, &stop)
+                            .await;
+                        if stop.is_cancelled() {
+                            return;
+                        }
+                        continue;
                     }
                     Err(e) => {
                         warn!(error = %e, "subscribe failed; trying again");
@@ -968,7 +1094,8 @@ fn app(bridge: &Bridge, registry: Registry, max_body_bytes: usize) -> Router {
 }
 
 /// Runs the bridge, and its admin server on `listener`, until `shutdown` fires; then both
-/// drain (the bridge within `SHUTDOWN_GRACE_SECS`). What the binary runs (see [`run`]) and
+/// drain (the bridge within `SHUTDOWN_GRACE_SECS`). Returns [`SessionTakenOver`] (exit
+/// code 3 in the binary) when another instance took over a broker session. What the binary runs (see [`run`]) and
 /// what the tests run.
 pub async fn serve(
     config: Config,
@@ -978,11 +1105,15 @@ pub async fn serve(
     let mut registry = Registry::default();
     let server = config.server.clone();
     let bridge = Bridge::new(config, &mut registry).await?;
-    let worker = tokio::spawn(bridge.clone().run(shutdown.clone(), server.shutdown_grace));
+    // Cancelled by the bridge too, when a session is taken over.
+    let stop = shutdown.child_token();
+    let worker = tokio::spawn(bridge.clone().run(stop.clone(), server.shutdown_grace));
     let app = app(&bridge, registry, server.max_body_bytes);
-    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, shutdown).await;
-    let _ = worker.await;
-    served
+    let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, stop).await;
+    match worker.await {
+        Ok(Err(taken_over)) => Err(taken_over.into()),
+        _ => served,
+    }
 }
 
 /// Binds the admin port per `config` and [`serve`]s until SIGTERM/SIGINT.

@@ -21,6 +21,22 @@
 //! logged at `error` with what to check; the link stays down (so `/readyz` says not ready)
 //! and retries at the longest reconnect delay, never in a tight loop.
 //!
+//! Session takeover: when a second instance connects with the same client id
+//! (`SERVICE_NAME`, e.g. a rescheduled pod whose old one is not dead yet), the broker hands
+//! it the session and drops the first (DISCONNECT 0x8E, not always seen under load). Each
+//! bridge link ([`Link::guard_ownership`]) publishes a retained ownership record on `lps/owner/<client id>` at its first
+//! CONNACK, and after a 0x8E or a reconnect reads it with a side client: the newest
+//! instance keeps the id, the other stops reconnecting (two instances reconnecting with one
+//! id would take the session from each other for ever) and says so in
+//! [`LinkState::taken_over`]; the bridges stop and exit with [`EXIT_SESSION_TAKEN_OVER`].
+//!
+//! Capabilities: the bridges need QoS 2 and (legacy-proxy-2) shared subscriptions. The
+//! client conforms every publish to the CONNACK's Maximum QoS and refuses a `$share`
+//! subscription when the CONNACK says Shared Subscription Available = 0, so
+//! [`Link::grants_qos`] and [`lacks_shared_subscriptions`] read the CONNACK through it;
+//! a broker that lacks either is logged at `error` naming the capability, and the bridge
+//! stays not ready, asking again at the longest reconnect delay.
+//!
 //! Environment: `MQTT_HOST` (alias `MQTT_BROKER`), `MQTT_PORT`, `MQTT_SESSION_EXPIRY_SECS`,
 //! `MQTT_KEEPALIVE_SECS`, `MQTT_RECONNECT_MIN_MS`, `MQTT_RECONNECT_MAX_MS`,
 //! `MQTT_USERNAME`, `MQTT_PASSWORD`, `MQTT_PASSWORD_FILE`, `MQTT_TLS`, `MQTT_CA_FILE`,
@@ -29,10 +45,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mqtt5::protocol::v5::reason_codes::ReasonCode;
 use mqtt5::transport::tls::TlsConfig;
 use mqtt5::{
-    ConnectOptions, ConnectionEvent, MqttClient, MqttError, PublishOptions, PublishOutcome,
-    PublishResult, QoS,
+    ConnectOptions, ConnectionEvent, DisconnectReason, MqttClient, MqttError, PublishOptions,
+    PublishOutcome, PublishResult, QoS,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -344,7 +361,6 @@ impl MqttConfig {
 /// What to check when `error` says that the broker refused us or TLS failed, rather than
 /// that it is unreachable: such errors do not go away by retrying.
 fn refusal(error: &MqttError) -> Option<&'static str> {
-    use mqtt5::protocol::v5::reason_codes::ReasonCode;
     match error {
         MqttError::ConnectionRefused(
             ReasonCode::BadUsernameOrPassword
@@ -386,7 +402,78 @@ pub struct LinkState {
     pub session_present: bool,
     /// CONNACKs received so far; changes on every (re)connect.
     pub connects: u64,
+    /// Another instance took this client id's session: the link no longer reconnects
+    /// (see [`Link::guard_ownership`]).
+    pub taken_over: bool,
+    /// The last connection ended with DISCONNECT 0x8E (Session taken over); cleared by the
+    /// next CONNACK.
+    pub session_moved: bool,
+    /// The latest connect generation on which this link still owned its client id: at once
+    /// for the first, after reading the ownership record for every reconnect.
+    pub confirmed: u64,
 }
+
+/// The exit code of a bridge whose broker session another instance with the same client id
+/// (`SERVICE_NAME`) took over: it stopped on purpose, not because it failed. Restarting it
+/// with the same id takes the session back and displaces the other instance in turn.
+pub const EXIT_SESSION_TAKEN_OVER: u8 = 3;
+
+/// The error a bridge's `serve` returns when its session was taken over (see
+/// [`EXIT_SESSION_TAKEN_OVER`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "another client connected with client id {client_id} and took over the broker session (DISCONNECT 0x8E)"
+)]
+pub struct SessionTakenOver {
+    /// The client id whose session moved.
+    pub client_id: String,
+}
+
+/// What a bridge needs from the broker and a CONNACK may deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// QoS 2 (CONNACK Maximum QoS absent or 2): only its handshake proves the broker has a
+    /// message exactly once.
+    Qos2,
+    /// Shared subscriptions (CONNACK Shared Subscription Available absent or 1): the
+    /// legacy-proxy-2 replicas share one `$share` group.
+    SharedSubscriptions,
+}
+
+impl Capability {
+    /// What the broker lacks, for the log line.
+    pub fn missing(self) -> &'static str {
+        match self {
+            Self::Qos2 => {
+                "the broker does not grant QoS 2 (CONNACK Maximum QoS below 2, e.g. Mosquitto's max_qos); the bridges need it"
+            }
+            Self::SharedSubscriptions => {
+                "the broker does not offer shared subscriptions (CONNACK Shared Subscription Available = 0, or SUBACK 0x9E); legacy-proxy-2 needs them"
+            }
+        }
+    }
+
+    /// A short label for metrics and log fields.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Qos2 => "qos2",
+            Self::SharedSubscriptions => "shared_subscriptions",
+        }
+    }
+}
+
+/// Whether a failed SUBSCRIBE says that the broker lacks shared subscriptions: refused by
+/// the client because the CONNACK said so, or by the broker with SUBACK 0x9E.
+pub fn lacks_shared_subscriptions(error: &MqttError) -> bool {
+    matches!(
+        error,
+        MqttError::SharedSubscriptionsNotSupported
+            | MqttError::SubscriptionFailed(ReasonCode::SharedSubscriptionsNotSupported)
+    )
+}
+
+/// Topic of [`Link::grants_qos`]'s empty publish; no subscription of the bridges matches it.
+pub const CAPABILITY_TOPIC: &str = "lps/capability";
 
 /// Why a publish did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -434,6 +521,161 @@ pub enum Completed {
     AfterReconnect,
 }
 
+/// Topic prefix of the ownership records: `lps/owner/<client id>`, retained, holding the
+/// token of the process that connected last with that client id.
+pub const OWNER_TOPIC_PREFIX: &str = "lps/owner/";
+
+/// Decides whether a link whose connection ended still owns its client id, so that of two
+/// instances with one id exactly one carries on.
+///
+/// The broker's DISCONNECT 0x8E says that another connection took the session, but it is
+/// not always seen: under load the client can hit a write error on the closed socket
+/// before it reads the DISCONNECT, and sees a plain network error. So each link, on its
+/// first CONNACK, publishes a retained ownership record (`lps/owner/<client id>`, QoS 1)
+/// with a token of its own: the newest instance's record wins. After a 0x8E, and after
+/// every later CONNACK (a reconnect that may have displaced a newer instance), a short-lived
+/// side client (clean session, its own id) reads the record. Another instance's token means
+/// this link was taken over: it disconnects, stops reconnecting and sets
+/// [`LinkState::taken_over`]. After a 0x8E without a readable record it stops too; after a
+/// reconnect without one it carries on (a broker whose ACL refuses the record topic).
+/// Only links that ask for it ([`Link::guard_ownership`]) do any of this.
+struct Owner {
+    client: MqttClient,
+    config: Arc<MqttConfig>,
+    nonce: String,
+    state: Arc<watch::Sender<LinkState>>,
+}
+
+impl Owner {
+    async fn watch(self, mut state: watch::Receiver<LinkState>, alive: CancellationToken) {
+        let mut handled = 0u64;
+        loop {
+            let current = *state.borrow_and_update();
+            let displaced = if current.session_moved {
+                // Trust the 0x8E unless the record says this instance is the newest.
+                self.recorded_owner()
+                    .await
+                    .is_none_or(|owner| owner != self.nonce)
+            } else if current.connected && current.connects > handled {
+                handled = current.connects;
+                let displaced = if handled == 1 {
+                    self.publish_record().await;
+                    false
+                } else {
+                    self.recorded_owner()
+                        .await
+                        .is_some_and(|owner| owner != self.nonce)
+                };
+                if !displaced {
+                    self.state
+                        .send_modify(|s| s.confirmed = s.confirmed.max(handled));
+                }
+                displaced
+            } else {
+                false
+            };
+            if displaced {
+                self.state.send_modify(|s| {
+                    s.taken_over = true;
+                    s.connected = false;
+                });
+                // Turns reconnecting off (and closes a connection made meanwhile).
+                let _ = self.client.disconnect().await;
+                self.state.send_modify(|s| s.connected = false);
+                return;
+            }
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                () = alive.cancelled() => return,
+            }
+        }
+    }
+
+    fn topic(&self) -> String {
+        format!("{OWNER_TOPIC_PREFIX}{}", self.config.client_id)
+    }
+
+    async fn publish_record(&self) {
+        let options = PublishOptions {
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            ..PublishOptions::default()
+        };
+        let sent = self
+            .client
+            .publish_with_options(self.topic(), self.nonce.clone().into_bytes(), options)
+            .await;
+        if let Err(error) = sent {
+            warn!(client_id = %self.config.client_id, %error, "cannot publish the ownership record; a session takeover is then seen only by DISCONNECT 0x8E");
+        }
+    }
+
+    /// The token in the ownership record, read by a side client; `None` when there is
+    /// none or it cannot be read within a few seconds.
+    async fn recorded_owner(&self) -> Option<String> {
+        let side = self.config.companion(&format!("owner-{}", self.nonce));
+        let client = plain_client(
+            &side,
+            side.ephemeral_options().with_automatic_reconnect(false),
+        )
+        .await;
+        let read = async {
+            client.connect(&self.config.address()).await.ok()?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let options = mqtt5::SubscribeOptions {
+                qos: QoS::AtMostOnce,
+                ..mqtt5::SubscribeOptions::default()
+            };
+            client
+                .subscribe_with_options(self.topic(), options, move |message| {
+                    let _ = tx.send(String::from_utf8_lossy(&message.payload).into_owned());
+                })
+                .await
+                .ok()?;
+            // A retained message follows the SUBACK at once; none means no record.
+            tokio::time::timeout(Duration::from_secs(1), rx.recv())
+                .await
+                .ok()
+                .flatten()
+        };
+        let owner = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten();
+        let _ = client.disconnect().await;
+        owner
+    }
+}
+
+/// A token unique to one link of one process.
+fn owner_nonce() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{now:x}-{:x}-{n}", std::process::id())
+}
+
+/// A client with `options`, the link's TLS settings, and no queueing while disconnected.
+async fn plain_client(config: &MqttConfig, options: ConnectOptions) -> MqttClient {
+    let client = MqttClient::with_options(options);
+    // Fail fast instead of queueing inside the client while disconnected: a request
+    // must not be acknowledged on the strength of a queue that a restart loses.
+    client.set_queue_on_disconnect(false).await;
+    if let Some(tls) = &config.tls {
+        // Checked when the configuration was read; reconnects reuse it.
+        client
+            .set_tls_config(
+                tls.client_cert_pem.clone(),
+                tls.client_key_pem.as_ref().map(|k| k.expose().to_vec()),
+                tls.ca_pem.clone(),
+            )
+            .await;
+    }
+    client
+}
+
 /// One MQTT client with a persistent session.
 #[derive(Clone)]
 pub struct Link {
@@ -441,56 +683,149 @@ pub struct Link {
     pub client: MqttClient,
     config: Arc<MqttConfig>,
     state: watch::Receiver<LinkState>,
+    sender: Arc<watch::Sender<LinkState>>,
+    /// Cancelled when the last clone of the link is gone: ends the ownership guard.
+    alive: CancellationToken,
+    _guard: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl Link {
     /// Creates the client with `options` (from [`MqttConfig::connect_options`], tuned by
     /// the caller); it does not connect yet.
     pub async fn new(config: MqttConfig, options: ConnectOptions) -> anyhow::Result<Self> {
-        let client = MqttClient::with_options(options);
-        // Fail fast instead of queueing inside the client while disconnected: a request
-        // must not be acknowledged on the strength of a queue that a restart loses.
-        client.set_queue_on_disconnect(false).await;
-        if let Some(tls) = &config.tls {
-            // Checked when the configuration was read; reconnects reuse it.
-            client
-                .set_tls_config(
-                    tls.client_cert_pem.clone(),
-                    tls.client_key_pem.as_ref().map(|k| k.expose().to_vec()),
-                    tls.ca_pem.clone(),
-                )
-                .await;
-        }
+        let client = plain_client(&config, options).await;
         let (tx, state) = watch::channel(LinkState::default());
+        let tx = Arc::new(tx);
+        let events = tx.clone();
         let client_id = config.client_id.clone();
         client
             .on_connection_event(move |event| match event {
                 ConnectionEvent::Connected {
                     session_present, ..
                 } => {
-                    tx.send_modify(|s| {
+                    events.send_modify(|s| {
                         s.connected = true;
                         s.session_present = session_present;
                         s.connects += 1;
+                        s.session_moved = false;
                     });
                     info!(client_id, session_present, "connected to the broker");
                 }
+                ConnectionEvent::Disconnected {
+                    reason: DisconnectReason::ServerDisconnect(ReasonCode::SessionTakenOver),
+                } => {
+                    events.send_modify(|s| {
+                        s.connected = false;
+                        s.session_moved = true;
+                    });
+                    warn!(
+                        client_id,
+                        "disconnected: another client connected with this client id (0x8E)"
+                    );
+                }
                 ConnectionEvent::Disconnected { reason } => {
-                    tx.send_modify(|s| s.connected = false);
+                    events.send_modify(|s| s.connected = false);
                     warn!(client_id, ?reason, "disconnected from the broker");
                 }
                 ConnectionEvent::ReconnectFailed { error } => {
-                    tx.send_modify(|s| s.connected = false);
+                    events.send_modify(|s| s.connected = false);
                     warn!(client_id, %error, "reconnecting gave up");
                 }
                 _ => {}
             })
             .await?;
+        let alive = CancellationToken::new();
         Ok(Self {
             client,
             config: Arc::new(config),
             state,
+            sender: tx,
+            _guard: Arc::new(alive.clone().drop_guard()),
+            alive,
         })
+    }
+
+    /// Makes this link one of a kind for its client id (the bridges):
+    /// publishes the ownership record on the first CONNACK and, when another instance took
+    /// the session over, stops reconnecting and sets [`LinkState::taken_over`]. Call once,
+    /// before connecting. Without it (simulated devices) a link just reconnects.
+    pub fn guard_ownership(&self) {
+        tokio::spawn(
+            Owner {
+                client: self.client.clone(),
+                config: self.config.clone(),
+                nonce: owner_nonce(),
+                state: self.sender.clone(),
+            }
+            .watch(self.state.clone(), self.alive.clone()),
+        );
+    }
+
+    /// The client id of this link.
+    pub fn client_id(&self) -> &str {
+        &self.config.client_id
+    }
+
+    /// Whether another client took over this link's session (see [`LinkState::taken_over`]).
+    pub fn is_taken_over(&self) -> bool {
+        self.state.borrow().taken_over
+    }
+
+    /// Waits until this link's ownership of its client id was confirmed on connect
+    /// `generation` (see [`LinkState::confirmed`]); never returns once taken over.
+    pub async fn owner_confirmed(&self, generation: u64) {
+        let mut state = self.state();
+        let confirmed = state
+            .wait_for(|s| s.confirmed >= generation && !s.taken_over)
+            .await
+            .is_ok();
+        if !confirmed {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits until another client took over this link's session.
+    pub async fn taken_over(&self) {
+        let mut state = self.state();
+        let taken = state.wait_for(|s| s.taken_over).await.is_ok();
+        if !taken {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether the broker grants `qos` on the current connection: one empty, non-retained
+    /// publish at `qos` to [`CAPABILITY_TOPIC`]. The client sends it at the CONNACK's
+    /// Maximum QoS when that is lower, so `Ok(false)` means the broker lacks `qos`; a
+    /// refusal (PUBREC ≥ 0x80, e.g. quota exceeded) still answered at `qos`, so it counts as
+    /// granted. `Err` when nothing was learnt: not connected, or no answer within `timeout`
+    /// ([`PublishError::Indeterminate`]; every publish checks its QoS again anyway).
+    pub async fn grants_qos(&self, qos: QoS, timeout: Duration) -> Result<bool, PublishError> {
+        match self
+            .publish(CAPABILITY_TOPIC, Vec::new(), qos, Vec::new(), timeout)
+            .await
+        {
+            Ok(_) | Err(PublishError::Refused(_)) => Ok(true),
+            Err(PublishError::Downgraded(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Logs at `error` that the broker lacks `capability` (the bridge stays not ready), then
+    /// waits the longest reconnect delay before the caller asks again, or until `stop`.
+    pub async fn refuse_broker(&self, capability: Capability, stop: &CancellationToken) {
+        let delay = self.config.reconnect_max.max(self.config.reconnect_min);
+        error!(
+            address = %self.config.address(),
+            client_id = %self.config.client_id,
+            capability = capability.label(),
+            retry_in_ms = delay.as_millis() as u64,
+            "refusing the broker, not ready: {}",
+            capability.missing()
+        );
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
     }
 
     /// Watches the connection state.
@@ -511,6 +846,9 @@ impl Link {
         loop {
             if self.is_connected() {
                 return true;
+            }
+            if self.is_taken_over() {
+                return false;
             }
             match self.client.connect(&address).await {
                 Ok(()) => return true,
@@ -637,8 +975,10 @@ impl Link {
 
     /// Disconnects cleanly (the broker keeps the session).
     pub async fn disconnect(&self) {
-        if let Err(error) = self.client.disconnect().await {
-            warn!(%error, "disconnect failed");
+        match self.client.disconnect().await {
+            // Already down (e.g. taken over): nothing to close.
+            Ok(()) | Err(MqttError::NotConnected) => {}
+            Err(error) => warn!(%error, "disconnect failed"),
         }
     }
 }

@@ -43,7 +43,8 @@ pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_HTTP_PORT: u16 = 8080;
 
 /// Sets up telemetry and a Tokio runtime, runs `run`, and turns its outcome into an exit
-/// code (0 on a clean stop, 1 on an error, which is logged).
+/// code (0 on a clean stop, [`crate::mqtt::EXIT_SESSION_TAKEN_OVER`] when a bridge's
+/// session was taken over, 1 on any other error, which is logged).
 ///
 /// Started as `<binary> healthcheck [PATH]`, it probes the running service instead (see
 /// [`healthcheck_if_requested`]; `HTTP_PORT` defaults to 8080 here) and never touches the
@@ -78,6 +79,12 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if let Some(taken) = e.downcast_ref::<crate::mqtt::SessionTakenOver>() {
+                // The bridge logged the one `error` line already; this is its exit.
+                let code = crate::mqtt::EXIT_SESSION_TAKEN_OVER;
+                info!(service = %telemetry.service_name, client_id = %taken.client_id, exit_code = code, "stopped: session taken over");
+                return ExitCode::from(code);
+            }
             error!(service = %telemetry.service_name, error = format!("{e:#}"), "failed");
             ExitCode::FAILURE
         }

@@ -2,6 +2,7 @@
 
 mod restart;
 mod scripted;
+mod takeover;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! legacy-proxy-1 against a scripted broker: answers a real broker cannot be made to give
-//! on demand (PUBREC 0x97, a handshake that never completes, a Maximum QoS below 2). In
+//! on demand (PUBREC 0x97, a handshake that never completes, a Maximum QoS of 0). In
 //! every case the bridge must answer 503, never 200, and count why.
 
 use std::time::{Duration, Instant};
@@ -37,6 +37,13 @@ async fn assert_unavailable(response: reqwest::Response) {
     assert_eq!(body["error"], "broker_unavailable", "{body}");
 }
 
+/// The PUBLISHes on the traffic topic (not the capability check or ownership record).
+fn traffic(broker: &ScriptedBroker) -> Vec<lps_testkit::scripted::Received> {
+    let mut published = broker.published();
+    published.retain(|p| p.topic == "proxy1/message");
+    published
+}
+
 /// `mqtt_publishes_total{outcome="<outcome>"}` from `/metrics`, by name and label (0 when
 /// absent).
 async fn publishes(lp1: &Lp1, outcome: &str) -> u64 {
@@ -66,7 +73,7 @@ async fn a_pubrec_0x97_is_answered_503_never_200() {
     }
     assert_eq!(publishes(&lp1, "refused").await, 20);
     assert_eq!(publishes(&lp1, "delivered").await, 0);
-    let published = broker.published();
+    let published = traffic(&broker);
     assert_eq!(published.len(), 20, "each request published once");
     assert!(
         published
@@ -78,7 +85,7 @@ async fn a_pubrec_0x97_is_answered_503_never_200() {
     assert_eq!(post(&url, "4242").await.status(), StatusCode::OK);
     assert_eq!(publishes(&lp1, "delivered").await, 1);
     let last: serde_json::Value =
-        serde_json::from_slice(&broker.published().last().unwrap().payload).unwrap();
+        serde_json::from_slice(&traffic(&broker).last().unwrap().payload).unwrap();
     assert_eq!(last["request_id"], "4242");
 }
 
@@ -98,31 +105,52 @@ async fn a_broker_that_never_completes_is_answered_503_within_the_publish_timeou
         "answered after {elapsed:?}"
     );
     assert_eq!(publishes(&lp1, "indeterminate").await, 1);
-    assert_eq!(broker.published().len(), 1, "the message did go out");
+    assert_eq!(traffic(&broker).len(), 1, "the message did go out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_granting_only_qos_0_is_answered_503() {
-    // (CONNACK Maximum QoS, MQTT_QOS): the client sends at the lower QoS, so no
-    // handshake proves the broker kept the message.
+async fn a_broker_granting_less_than_the_qos_asked_for_is_refused_and_answered_503() {
+    // (CONNACK Maximum QoS, MQTT_QOS): the client would send at the lower QoS, so no
+    // handshake would prove the broker kept a message. The bridge checks before admitting
+    // and never does.
     for (maximum_qos, qos) in [(0, "2"), (1, "2"), (0, "1")] {
         let script = Script {
             maximum_qos: Some(maximum_qos),
             ..Script::default()
         };
-        let (broker, lp1) = start(script, &[(ENV_MQTT_QOS, qos)]).await;
+        let broker = ScriptedBroker::start(script).await;
+        let env: Vec<_> = SETTINGS
+            .iter()
+            .copied()
+            .chain([(ENV_MQTT_QOS, qos)])
+            .collect();
+        let lp1 = lp1(lps_testkit::Broker::port(&broker), &env).await;
+        lps_testkit::eventually("a capability check", Duration::from_secs(10), || {
+            let n = broker.published().len();
+            async move { (n > 0).then_some(()) }
+        })
+        .await;
         let response = post(&lp1.url(PATH), "1").await;
         assert_unavailable(response).await;
+        let ready = lps_testkit::http1_client()
+            .get(lp1.url(lps_common::wire::READYZ_PATH))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
-            publishes(&lp1, "downgraded").await,
-            1,
-            "Maximum QoS {maximum_qos}, MQTT_QOS={qos}"
+            ready.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Maximum QoS {maximum_qos}, MQTT_QOS={qos}: not ready"
         );
-        let sent: Vec<u8> = broker.published().iter().map(|p| p.qos).collect();
-        assert_eq!(
-            sent,
-            [maximum_qos],
-            "the client downgrades, it does not refuse"
+        assert_eq!(publishes(&lp1, "not_admitted").await, 1);
+        let published = broker.published();
+        assert!(traffic(&broker).is_empty(), "no traffic: {published:?}");
+        assert!(
+            published
+                .iter()
+                .filter(|p| p.topic == lps_common::mqtt::CAPABILITY_TOPIC)
+                .all(|p| p.qos == maximum_qos),
+            "capability checks go out at the granted QoS: {published:?}"
         );
     }
 }

@@ -6,3 +6,4 @@ mod faults;
 mod harness;
 mod messages;
 mod outages;
+mod takeover;
