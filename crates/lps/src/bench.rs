@@ -23,12 +23,18 @@
 //! current scenario are stopped in order and the bench fails, writing no `bench.json`.
 
 pub mod broker;
+mod chains;
+mod checks;
 pub mod edge;
 pub mod generator;
+mod held;
+mod http;
+mod key;
+mod nginx;
 pub mod procstat;
+mod table;
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -37,12 +43,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::BrokerChoice;
-use crate::records;
-use crate::signals::{interruption, or_interrupted};
+use crate::signals::interruption;
 use crate::supervisor::Supervisor;
-use crate::topology::{Health, Options, Program, ServiceSpec, Topology};
+use crate::topology::{Health, Program, ServiceSpec};
 use generator::{LoadResult, LoadSpec, Mode, Protocol, Target};
+pub use key::{Hop, Key};
 use procstat::{ProcessFigures, Watched, Window};
+pub use table::{markdown, table};
 
 /// Upstream's figures on the same machine (issue 5), requests or messages per second.
 pub mod upstream {
@@ -68,6 +75,9 @@ pub enum Scenario {
     Direct,
     /// → ars-comp-2 → simulator.
     Relay,
+    /// nginx in ars-comp-2's place: measured with `relay` when nginx is installed.
+    #[value(skip)]
+    Nginx,
     /// The baseline chain.
     Legacy,
     /// Raw QoS 2 through the broker: the NG ceiling.
@@ -91,6 +101,11 @@ pub struct BenchOptions {
     pub connections: Vec<usize>,
     /// Relay payload sizes, bytes.
     pub sizes: Vec<usize>,
+    /// The relay's connection-scaling curve: connection counts measured besides
+    /// `connections` (HTTP/1.1, small body, each against `direct` at the same count).
+    pub curve: Vec<usize>,
+    /// Idle keep-alive connections the relay is asked to hold open at once (0: none).
+    pub held: usize,
     /// NG broker.
     pub broker: BrokerChoice,
     /// How long NG may take to drain.
@@ -105,6 +120,9 @@ pub struct BenchOptions {
 /// One row of the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {
+    /// What was measured (its `Display` is `name`).
+    #[serde(skip)]
+    pub key: Key,
     /// Scenario.
     pub scenario: Scenario,
     /// What was measured, e.g. `relay http1 c50 16KiB`.
@@ -116,7 +134,7 @@ pub struct Figure {
     /// Request body or payload, bytes.
     pub body_bytes: usize,
     /// `closed` or `open N/s`.
-    pub mode: String,
+    pub mode: Mode,
     /// Measured seconds.
     pub seconds: f64,
     /// Acknowledged in the window.
@@ -147,12 +165,140 @@ pub struct Figure {
     pub upstream: Option<f64>,
     /// Our figure over upstream's.
     pub vs_upstream: Option<f64>,
+    /// A second comparison that is not a ceiling: for `relay http1`, nginx in the
+    /// relay's place; for h2c, HTTP/1.1 through the relay at the same concurrency.
+    pub versus: Option<String>,
+    /// `rate` over the `versus` figure's.
+    pub versus_ratio: Option<f64>,
     /// Share of the machine's CPU time the hypervisor stole meanwhile (0..1).
     pub steal: f64,
     /// The load generator (this process).
     pub generator: ProcessFigures,
     /// The services.
     pub processes: Vec<ProcessFigures>,
+}
+
+/// How a load was shaped: the figure's columns that come from its spec.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Generator protocol (none when the generator is not ours).
+    pub protocol: Option<Protocol>,
+    /// Connections (or clients).
+    pub connections: usize,
+    /// Request body or payload, bytes.
+    pub body_bytes: usize,
+    /// Closed or open loop.
+    pub mode: Mode,
+}
+
+impl Shape {
+    /// The shape of one of our HTTP loads.
+    pub fn of(spec: &LoadSpec) -> Self {
+        Self {
+            protocol: Some(spec.protocol),
+            connections: spec.connections,
+            body_bytes: spec.body.len(),
+            mode: spec.mode,
+        }
+    }
+}
+
+/// What a load did in its measured window, whoever generated it.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Acknowledged (or delivered) in the window.
+    pub ok: u64,
+    /// Failures.
+    pub errors: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// p50, p99 and max latency, ms.
+    pub latency_ms: [f64; 3],
+}
+
+impl From<&LoadResult> for Outcome {
+    fn from(result: &LoadResult) -> Self {
+        Self {
+            seconds: result.elapsed.as_secs_f64(),
+            ok: result.ok,
+            errors: result.errors,
+            first_error: result.first_error.clone(),
+            latency_ms: [0.5, 0.99, 1.0].map(|q| result.quantile_ms(q)),
+        }
+    }
+}
+
+impl Figure {
+    /// The figure `key` measured: `shape` of the load, its `outcome`, and what the
+    /// window `measured` besides. Comparisons are added with [`Figure::against`].
+    pub fn new(key: Key, shape: Shape, outcome: Outcome, measured: Measured) -> Self {
+        let seconds = outcome.seconds;
+        Self {
+            scenario: key.scenario(),
+            name: key.to_string(),
+            key,
+            protocol: shape.protocol,
+            connections: shape.connections,
+            body_bytes: shape.body_bytes,
+            mode: shape.mode,
+            seconds,
+            ok: outcome.ok,
+            errors: outcome.errors,
+            first_error: outcome.first_error,
+            rate: if seconds > 0.0 {
+                outcome.ok as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_ms: outcome.latency_ms[0],
+            p99_ms: outcome.latency_ms[1],
+            max_ms: outcome.latency_ms[2],
+            delivered_rate: None,
+            lost: None,
+            drain_s: None,
+            ceiling: None,
+            ratio: None,
+            upstream: None,
+            vs_upstream: None,
+            versus: None,
+            versus_ratio: None,
+            steal: measured.steal,
+            generator: measured.generator,
+            processes: measured.processes,
+        }
+    }
+
+    /// A figure of one of our HTTP loads.
+    fn of_load(key: Key, spec: &LoadSpec, result: &LoadResult, measured: Measured) -> Self {
+        Self::new(key, Shape::of(spec), Outcome::from(result), measured)
+    }
+
+    /// Records what this figure is compared with; [`rebase`] computes the ratios once the
+    /// reported figures are known.
+    fn against(mut self, ceiling: Option<&Figure>, upstream: Option<f64>) -> Self {
+        self.ceiling = ceiling.map(|c| c.name.clone());
+        self.upstream = upstream;
+        self
+    }
+
+    /// Records the second comparison (see [`Figure::versus`]).
+    fn versus(mut self, other: Option<&Figure>) -> Self {
+        self.versus = other.map(|o| o.name.clone());
+        self
+    }
+
+    /// The rate compared with ceilings: NG counts what arrived, the rest what was
+    /// acknowledged.
+    fn compared_rate(&self) -> f64 {
+        self.delivered_rate.unwrap_or(self.rate)
+    }
+}
+
+/// The figure measured as `key`.
+fn find<'a>(figures: &'a [Figure], key: &Key) -> Option<&'a Figure> {
+    figures.iter().find(|f| &f.key == key)
 }
 
 /// A performance target and whether this run met it.
@@ -181,6 +327,19 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// The targets of issue 5.
     pub checks: Vec<Check>,
+    /// Figures not measured, and why (e.g. nginx not installed).
+    pub skipped: Vec<Skipped>,
+    /// What the run changed or clamped (e.g. the open-files limit).
+    pub notes: Vec<String>,
+}
+
+/// A figure this run did not measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    /// The figure, e.g. `nginx-as-relay http1 c50`.
+    pub figure: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// The machine, from `/proc`.
@@ -276,7 +435,7 @@ async fn measure(
 }
 
 /// What a window measured besides the load: the generator, the services, the steal.
-struct Measured {
+pub struct Measured {
     generator: ProcessFigures,
     processes: Vec<ProcessFigures>,
     steal: f64,
@@ -292,55 +451,6 @@ impl Measured {
             processes,
             steal,
         }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn figure(
-    scenario: Scenario,
-    name: String,
-    spec: &LoadSpec,
-    result: &LoadResult,
-    measured: Measured,
-) -> Figure {
-    Figure {
-        scenario,
-        name,
-        protocol: Some(spec.protocol),
-        connections: spec.connections,
-        body_bytes: spec.body.len(),
-        mode: match spec.mode {
-            Mode::Closed => "closed".into(),
-            Mode::Open(rate) => format!("open {rate:.0}/s"),
-        },
-        seconds: result.elapsed.as_secs_f64(),
-        ok: result.ok,
-        errors: result.errors,
-        first_error: result.first_error.clone(),
-        rate: result.rate(),
-        p50_ms: result.quantile_ms(0.5),
-        p99_ms: result.quantile_ms(0.99),
-        max_ms: result.quantile_ms(1.0),
-        delivered_rate: None,
-        lost: None,
-        drain_s: None,
-        ceiling: None,
-        ratio: None,
-        upstream: None,
-        vs_upstream: None,
-        steal: measured.steal,
-        generator: measured.generator,
-        processes: measured.processes,
-    }
-}
-
-impl Figure {
-    /// Records what this figure is compared with; [`rebase`] computes the ratios once the
-    /// reported figures are known.
-    fn against(mut self, ceiling: Option<&Figure>, upstream: Option<f64>) -> Self {
-        self.ceiling = ceiling.map(|c| c.name.clone());
-        self.upstream = upstream;
-        self
     }
 }
 
@@ -386,6 +496,8 @@ pub async fn run(options: &BenchOptions, stop: &CancellationToken) -> anyhow::Re
         broker: None,
         figures: Vec::new(),
         checks: Vec::new(),
+        skipped: Vec::new(),
+        notes: Vec::new(),
     };
     let most = options.connections.iter().copied().max().unwrap_or(50);
     let rounds = options.rounds.max(1);
@@ -402,13 +514,19 @@ pub async fn run(options: &BenchOptions, stop: &CancellationToken) -> anyhow::Re
         };
         one_round(&this, &mut figures, most, stop).await?;
         report.broker = figures.broker;
+        // Every round skips and notes the same.
+        report.skipped = figures.skipped;
+        report.notes = figures.notes;
         measured.push(figures.figures);
     }
     report.figures = median(measured);
     rebase(&mut report.figures);
-    report.checks = checks(&report.figures, most);
+    report.checks = checks::checks(&report.figures, most);
     let path = options.out.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let path = options.out.join("bench.md");
+    std::fs::write(&path, markdown(&report))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(report)
 }
@@ -421,13 +539,13 @@ async fn one_round(
 ) -> anyhow::Result<()> {
     let wants = |s: Scenario| options.scenarios.contains(&s);
     if wants(Scenario::Direct) || wants(Scenario::Relay) || wants(Scenario::Legacy) {
-        http_hops(options, report, most, stop).await?;
+        http::run(options, report, most, stop).await?;
     }
     if wants(Scenario::Legacy) {
-        legacy(options, report, most, stop).await?;
+        chains::legacy(options, report, most, stop).await?;
     }
     if wants(Scenario::Broker) || wants(Scenario::Ng) {
-        ng(options, report, most, stop).await?;
+        chains::ng(options, report, most, stop).await?;
     }
     if wants(Scenario::Edge) {
         edge::run(options, report, stop).await?;
@@ -449,488 +567,54 @@ fn median(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
     let Some(first) = rounds.first() else {
         return Vec::new();
     };
-    let names: Vec<String> = first.iter().map(|f| f.name.clone()).collect();
-    names
+    first
         .iter()
-        .filter_map(|name| {
+        .filter_map(|figure| {
             let mut all: Vec<&Figure> = rounds
                 .iter()
-                .filter_map(|round| round.iter().find(|f| &f.name == name))
+                .filter_map(|round| find(round, &figure.key))
                 .collect();
-            all.sort_by(|a, b| {
-                if a.mode == "closed" {
-                    let rate = |f: &Figure| f.delivered_rate.unwrap_or(f.rate);
-                    rate(a).total_cmp(&rate(b))
-                } else {
-                    a.p99_ms.total_cmp(&b.p99_ms)
-                }
+            all.sort_by(|a, b| match a.mode {
+                Mode::Closed => a.compared_rate().total_cmp(&b.compared_rate()),
+                Mode::Open(_) => a.p99_ms.total_cmp(&b.p99_ms),
             });
             all.get(all.len() / 2).map(|f| (*f).clone())
         })
         .collect()
 }
 
-/// Ratios to the ceilings and to upstream, from the figures finally reported.
+/// Ratios to the ceilings, to the `versus` figures and to upstream, from the figures
+/// finally reported, and each process's CPU per request.
 fn rebase(figures: &mut [Figure]) {
     let rates: Vec<(String, f64)> = figures
         .iter()
-        .map(|f| (f.name.clone(), f.delivered_rate.unwrap_or(f.rate)))
+        .map(|f| (f.name.clone(), f.compared_rate()))
         .collect();
+    let rate_of = |name: &Option<String>| {
+        let name = name.as_ref()?;
+        rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r)
+    };
     for f in figures.iter_mut() {
-        let rate = f.delivered_rate.unwrap_or(f.rate);
-        if let Some(ceiling) = &f.ceiling
-            && let Some((_, base)) = rates.iter().find(|(name, _)| name == ceiling)
-        {
-            f.ratio = Some(rate / base.max(1e-9));
-        }
+        let rate = f.compared_rate();
+        f.ratio = rate_of(&f.ceiling).map(|base| rate / base.max(1e-9));
+        f.versus_ratio = rate_of(&f.versus)
+            .filter(|base| *base > 0.0)
+            .map(|base| rate / base);
         if let Some(upstream) = f.upstream {
             f.vs_upstream = Some(rate / upstream);
+        }
+        // Held connections are idle: there is no per-request cost to speak of.
+        let ops = rate * f.seconds;
+        if ops > 0.0 && !matches!(f.key, Key::Held { .. }) {
+            for p in f.processes.iter_mut().chain([&mut f.generator]) {
+                p.cpu_us_per_op = Some(p.cpu_s * 1e6 / ops);
+            }
         }
     }
 }
 
 fn progress(name: &str) {
     eprintln!("bench: {name} …");
-}
-
-/// `direct` and `relay` on one simulator and one ars-comp-2.
-async fn http_hops(
-    options: &BenchOptions,
-    report: &mut Report,
-    most: usize,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let dir = options.out.join("http");
-    let mut supervisor = Supervisor::new(&dir)?;
-    let sim_port = crate::topology::free_port();
-    let relay_port = crate::topology::free_port();
-    let max_body = options.sizes.iter().copied().max().unwrap_or(0) * 2 + (64 << 10);
-    let started = or_interrupted(stop, async {
-        supervisor
-            .start(spec_of(
-                "ars-comp-3",
-                Program::RastSimulator,
-                sim_port,
-                vec![("MAX_BODY_BYTES".into(), max_body.to_string())],
-                vec!["-m".into(), "zero".into()],
-            ))
-            .await?;
-        supervisor
-            .start(spec_of(
-                "ars-comp-2",
-                Program::ArsComp2,
-                relay_port,
-                vec![
-                    (
-                        lps_common::config::ENV_TARGET_URL.into(),
-                        format!(
-                            "http://127.0.0.1:{sim_port}{}",
-                            lps_common::wire::STORE_PATH
-                        ),
-                    ),
-                    ("MAX_BODY_BYTES".into(), max_body.to_string()),
-                ],
-                Vec::new(),
-            ))
-            .await
-    })
-    .await;
-    let result = match started {
-        Ok(()) => {
-            let figures = http_figures(options, report, most, &supervisor, sim_port, relay_port);
-            or_interrupted(stop, figures).await
-        }
-        Err(e) => Err(e),
-    };
-    stop_services(&mut supervisor, stop).await;
-    result
-}
-
-async fn http_figures(
-    options: &BenchOptions,
-    report: &mut Report,
-    most: usize,
-    supervisor: &Supervisor,
-    sim_port: u16,
-    relay_port: u16,
-) -> anyhow::Result<()> {
-    let path = lps_common::wire::STORE_PATH;
-    let sim = target(&format!("http://127.0.0.1:{sim_port}"), path)?;
-    let relay = target(&format!("http://127.0.0.1:{relay_port}"), path)?;
-    let sim_only = || watched(supervisor, &[Program::RastSimulator]);
-    let both = || watched(supervisor, &[Program::ArsComp2, Program::RastSimulator]);
-    let load = |target: &Target, protocol, connections, body: Bytes, mode| LoadSpec {
-        targets: vec![target.clone()],
-        protocol,
-        connections,
-        body,
-        mode,
-        warmup: options.warmup,
-        duration: options.duration,
-        keep_ids: false,
-    };
-    let relay_wanted = options.scenarios.contains(&Scenario::Relay);
-    // Ceilings first, at every connection count (legacy needs them too).
-    let mut directs = Vec::new();
-    for &c in &options.connections {
-        let name = format!("direct http1 c{c}");
-        progress(&name);
-        let spec = load(&sim, Protocol::Http1, c, small_body(), Mode::Closed);
-        let (result, measured) = measure(spec.clone(), sim_only()).await?;
-        let upstream = (c == most).then_some(upstream::DIRECT_NGINX);
-        let f = figure(Scenario::Direct, name, &spec, &result, measured).against(None, upstream);
-        directs.push(f.clone());
-        report.figures.push(f);
-    }
-    if !relay_wanted {
-        return Ok(());
-    }
-    for protocol in [Protocol::Http1, Protocol::H2c] {
-        for (i, &c) in options.connections.iter().enumerate() {
-            let name = format!("relay {protocol} c{c}");
-            progress(&name);
-            let spec = load(&relay, protocol, c, small_body(), Mode::Closed);
-            let (result, measured) = measure(spec.clone(), both()).await?;
-            let upstream = match (protocol, c) {
-                (Protocol::Http1, 8) => Some(upstream::RELAY_C8),
-                (Protocol::Http1, 50) => Some(upstream::RELAY_C50),
-                _ => None,
-            };
-            report.figures.push(
-                figure(Scenario::Relay, name, &spec, &result, measured)
-                    .against(directs.get(i), upstream),
-            );
-        }
-    }
-    // The payload matrix at the most connections, each size against its own ceiling.
-    for &size in &options.sizes {
-        let body = relay_body(size);
-        let mut pair = Vec::new();
-        for (scenario, target, label) in [
-            (Scenario::Direct, &sim, "direct"),
-            (Scenario::Relay, &relay, "relay"),
-        ] {
-            let name = format!("{label} http1 c{most} {}", size_name(size));
-            progress(&name);
-            let spec = load(target, Protocol::Http1, most, body.clone(), Mode::Closed);
-            let watch = if scenario == Scenario::Direct {
-                sim_only()
-            } else {
-                both()
-            };
-            let (result, measured) = measure(spec.clone(), watch).await?;
-            let f = figure(scenario, name, &spec, &result, measured).against(pair.first(), None);
-            pair.push(f);
-        }
-        report.figures.extend(pair);
-    }
-    // Added latency at half the relay's throughput, open loop, against direct at that rate.
-    let relay_most = report
-        .figures
-        .iter()
-        .find(|f| f.name == format!("relay http1 c{most}"))
-        .map_or(0.0, |f| f.rate);
-    if relay_most > 0.0 {
-        let rate = relay_most / 2.0;
-        let mut pair: Vec<Figure> = Vec::new();
-        for (scenario, target, label) in [
-            (Scenario::Direct, &sim, "direct"),
-            (Scenario::Relay, &relay, "relay"),
-        ] {
-            let name = format!("{label} http1 c{most} open half");
-            progress(&format!("{name} ({rate:.0}/s)"));
-            let spec = load(
-                target,
-                Protocol::Http1,
-                most,
-                small_body(),
-                Mode::Open(rate),
-            );
-            let watch = if scenario == Scenario::Direct {
-                sim_only()
-            } else {
-                both()
-            };
-            let (result, measured) = measure(spec.clone(), watch).await?;
-            let f = figure(scenario, name, &spec, &result, measured).against(pair.first(), None);
-            pair.push(f);
-        }
-        report.figures.extend(pair);
-    }
-    Ok(())
-}
-
-/// Waits until every id of `ids` is in the simulator ledger `ledger` (or `timeout`);
-/// returns the missing count, the arrivals in `[from_us, to_us)`, and the last arrival
-/// of an id of `ids`.
-async fn arrivals(
-    ledger: &Path,
-    ids: &[u64],
-    window: (u64, u64),
-    timeout: Duration,
-) -> anyhow::Result<(u64, u64, u64)> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let wanted: HashSet<String> = ids.iter().map(u64::to_string).collect();
-    let mut tail = records::JsonlTail::new(ledger);
-    let mut seen = HashSet::new();
-    let (mut in_window, mut last) = (0, 0);
-    loop {
-        let records: Vec<rast_simulator::journal::LedgerRecord> = tail.read_new()?;
-        for record in records.into_iter().filter(|r| r.status == 200) {
-            if wanted.contains(&record.uid) {
-                last = last.max(record.start_us);
-                if (window.0..window.1).contains(&record.start_us) {
-                    in_window += 1;
-                }
-                seen.insert(record.uid);
-            }
-        }
-        let missing = (wanted.len() - seen.len()) as u64;
-        if missing == 0 || tokio::time::Instant::now() >= deadline {
-            return Ok((missing, in_window, last));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn topology_options() -> Options {
-    Options {
-        ephemeral_ports: true,
-        simulator_args: vec!["-m".into(), "zero".into()],
-        ..Options::default()
-    }
-}
-
-fn entries(supervisor: &Supervisor) -> anyhow::Result<Vec<Target>> {
-    supervisor
-        .running()
-        .iter()
-        .filter(|r| r.spec.entry)
-        .map(|r| target(&r.base_url(), ars_comp_1::SIMPLE_PATH))
-        .collect()
-}
-
-/// The baseline chain at the most connections, against `direct` at the same count.
-async fn legacy(
-    options: &BenchOptions,
-    report: &mut Report,
-    most: usize,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let dir = options.out.join("legacy");
-    let mut supervisor = crate::start(
-        Topology::Legacy,
-        &topology_options(),
-        &BrokerChoice::Auto,
-        &dir,
-        stop,
-    )
-    .await?;
-    let result = or_interrupted(stop, async {
-        let name = format!("legacy http1 c{most}");
-        progress(&name);
-        let spec = LoadSpec {
-            targets: entries(&supervisor)?,
-            protocol: Protocol::Http1,
-            connections: most,
-            body: alarm_body(),
-            mode: Mode::Closed,
-            warmup: options.warmup,
-            duration: options.duration,
-            keep_ids: true,
-        };
-        let services = watched(
-            &supervisor,
-            &[Program::ArsComp1, Program::ArsComp2, Program::RastSimulator],
-        );
-        let (result, measured) = measure(spec.clone(), services).await?;
-        let ledger = dir.join("logs").join(rast_simulator::journal::LEDGER_FILE);
-        let (lost, _, _) = arrivals(&ledger, &result.ids, (0, 0), Duration::from_secs(5)).await?;
-        let ceiling = report
-            .figures
-            .iter()
-            .find(|f| f.name == format!("direct http1 c{most}"))
-            .cloned();
-        let mut f = figure(Scenario::Legacy, name, &spec, &result, measured);
-        f.lost = Some(lost);
-        report
-            .figures
-            .push(f.against(ceiling.as_ref(), Some(upstream::LEGACY)));
-        anyhow::Ok(())
-    })
-    .await;
-    stop_services(&mut supervisor, stop).await;
-    result
-}
-
-/// `broker` and `ng` on one NG topology.
-async fn ng(
-    options: &BenchOptions,
-    report: &mut Report,
-    most: usize,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let dir = options.out.join("ng");
-    let mut supervisor = crate::start(
-        Topology::Ng,
-        &topology_options(),
-        &options.broker,
-        &dir,
-        stop,
-    )
-    .await?;
-    let figures = ng_figures(options, report, most, &supervisor, &dir);
-    let result = or_interrupted(stop, figures).await;
-    stop_services(&mut supervisor, stop).await;
-    result
-}
-
-async fn ng_figures(
-    options: &BenchOptions,
-    report: &mut Report,
-    most: usize,
-    supervisor: &Supervisor,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let broker_service = supervisor
-        .running()
-        .iter()
-        .find(|r| matches!(r.spec.program, Program::Mosquitto | Program::EmbeddedBroker));
-    let broker_name = broker_service.map_or_else(
-        || format!("{:?}", options.broker),
-        |r| r.spec.program.name().to_owned(),
-    );
-    report.broker = Some(broker_name.clone());
-    let address = match (broker_service, &options.broker) {
-        (Some(r), _) => r.base_url(),
-        (None, BrokerChoice::External(host, port)) => format!("mqtt://{host}:{port}"),
-        (None, _) => anyhow::bail!("the NG topology has no broker"),
-    };
-    let broker_procs = || watched(supervisor, &[Program::Mosquitto, Program::EmbeddedBroker]);
-
-    // The ceiling: raw QoS 2 with the chain's client counts.
-    let name = format!("broker {broker_name} qos2 3×3");
-    progress(&name);
-    let spec = broker::BrokerSpec {
-        address,
-        publishers: 3,
-        subscribers: 3,
-        window: 32,
-        receive_maximum: 32,
-        payload: small_body().len(),
-        warmup: options.warmup,
-        duration: options.duration,
-    };
-    let mut all = vec![me()];
-    all.extend(broker_procs());
-    let run = tokio::spawn({
-        let spec = spec.clone();
-        async move { broker::run(&spec).await }
-    });
-    tokio::time::sleep(options.warmup).await;
-    let window = Window::start(all);
-    let result = run.await??;
-    let measured = Measured::of(&window);
-    let quantile = |q: f64| generator::quantile_ms(&result.latencies_us, q);
-    let seconds = result.elapsed.as_secs_f64().max(1e-9);
-    let ceiling = Figure {
-        scenario: Scenario::Broker,
-        name,
-        protocol: None,
-        connections: spec.publishers * spec.window,
-        body_bytes: spec.payload,
-        mode: "closed".into(),
-        seconds,
-        ok: result.delivered,
-        errors: result.errors,
-        first_error: result.first_error.clone(),
-        rate: result.delivered as f64 / seconds,
-        p50_ms: quantile(0.5),
-        p99_ms: quantile(0.99),
-        max_ms: quantile(1.0),
-        delivered_rate: None,
-        lost: None,
-        drain_s: None,
-        ceiling: None,
-        ratio: None,
-        upstream: None,
-        vs_upstream: None,
-        steal: measured.steal,
-        generator: measured.generator,
-        processes: measured.processes,
-    }
-    .against(None, Some(upstream::BROKER));
-    report.figures.push(ceiling.clone());
-    if !options.scenarios.contains(&Scenario::Ng) {
-        return Ok(());
-    }
-
-    let ledger = dir.join("logs").join(rast_simulator::journal::LEDGER_FILE);
-    let services = || {
-        watched(
-            supervisor,
-            &[
-                Program::ArsComp1,
-                Program::LegacyProxy1,
-                Program::Mosquitto,
-                Program::EmbeddedBroker,
-                Program::LegacyProxy2,
-                Program::ArsComp2,
-                Program::RastSimulator,
-            ],
-        )
-    };
-    let spec = |mode| -> anyhow::Result<LoadSpec> {
-        Ok(LoadSpec {
-            targets: entries(supervisor)?,
-            protocol: Protocol::Http1,
-            connections: most,
-            body: alarm_body(),
-            mode,
-            warmup: options.warmup,
-            duration: options.duration,
-            keep_ids: true,
-        })
-    };
-    // Sustainable: closed loop, counting arrivals at the simulator in the window.
-    let name = format!("ng http1 c{most}");
-    progress(&name);
-    let f = ng_figure(options, name, spec(Mode::Closed)?, services(), &ledger).await?;
-    let delivered = f.delivered_rate.unwrap_or(0.0);
-    report
-        .figures
-        .push(f.against(Some(&ceiling), Some(upstream::NG_DELIVERED)));
-
-    // 80 % of the sustainable delivered rate, open loop: the drain after the load.
-    let rate = (delivered * 0.8).max(1.0);
-    let name = format!("ng http1 c{most} open 80%");
-    progress(&format!("{name} ({rate:.0}/s)"));
-    let f = ng_figure(options, name, spec(Mode::Open(rate))?, services(), &ledger).await?;
-    report.figures.push(f.against(Some(&ceiling), None));
-    Ok(())
-}
-
-/// One NG load: what arrived at the simulator in the window, what never did, and how
-/// long after the load the last acknowledged alarm arrived.
-async fn ng_figure(
-    options: &BenchOptions,
-    name: String,
-    load: LoadSpec,
-    services: Vec<Watched>,
-    ledger: &Path,
-) -> anyhow::Result<Figure> {
-    let from_us = records::now_us() + micros(options.warmup);
-    let (result, measured) = measure(load.clone(), services).await?;
-    let to_us = from_us + micros(options.duration);
-    let end_us = records::now_us();
-    let (lost, in_window, last) =
-        arrivals(ledger, &result.ids, (from_us, to_us), options.drain_timeout).await?;
-    let mut f = figure(Scenario::Ng, name, &load, &result, measured);
-    let delivered = in_window as f64 / options.duration.as_secs_f64().max(1e-9);
-    f.delivered_rate = Some(delivered);
-    f.lost = Some(lost);
-    f.drain_s = Some(seconds_after(last, end_us));
-    Ok(f)
 }
 
 fn micros(d: Duration) -> u64 {
@@ -940,201 +624,4 @@ fn micros(d: Duration) -> u64 {
 /// Seconds from `end_us` to `last_us` (0 when nothing arrived after the end).
 fn seconds_after(last_us: u64, end_us: u64) -> f64 {
     last_us.saturating_sub(end_us) as f64 / 1e6
-}
-
-fn find<'a>(figures: &'a [Figure], name: &str) -> Option<&'a Figure> {
-    figures.iter().find(|f| f.name == name)
-}
-
-/// Issue 5's targets, checked against this run's figures.
-fn checks(figures: &[Figure], most: usize) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let pct = |x: f64| format!("{:.0} %", x * 100.0);
-    if let Some(relay) = find(figures, &format!("relay http1 c{most}"))
-        && let Some(ratio) = relay.ratio
-    {
-        checks.push(Check {
-            target: format!("relay ≥ 50 % of direct at c{most}, small bodies"),
-            measured: pct(ratio),
-            met: ratio >= 0.5,
-        });
-    }
-    if let (Some(direct), Some(relay)) = (
-        figures
-            .iter()
-            .find(|f| f.scenario == Scenario::Direct && f.mode.starts_with("open")),
-        figures
-            .iter()
-            .find(|f| f.scenario == Scenario::Relay && f.mode.starts_with("open")),
-    ) {
-        let added = relay.p99_ms - direct.p99_ms;
-        checks.push(Check {
-            target: "relay adds ≤ 1 ms p99 at half its throughput".into(),
-            measured: format!(
-                "{added:.2} ms ({:.2} vs {:.2} ms at {})",
-                relay.p99_ms, direct.p99_ms, relay.mode
-            ),
-            met: added <= 1.0,
-        });
-    }
-    if let Some(big) = figures
-        .iter()
-        .filter(|f| f.scenario == Scenario::Relay && f.body_bytes >= 1 << 20)
-        .max_by_key(|f| f.body_bytes)
-        && let Some(relay) = big.processes.iter().find(|p| p.name == "ars-comp-2")
-    {
-        let product = (big.body_bytes * big.connections) as f64 / f64::from(1 << 20);
-        checks.push(Check {
-            target: format!(
-                "relay memory below body × connections ({product:.0} MiB) at {}",
-                size_name(big.body_bytes)
-            ),
-            measured: format!("{:.1} MiB peak", relay.rss_peak_mib),
-            met: relay.rss_peak_mib < product,
-        });
-    }
-    if let Some(legacy) = figures.iter().find(|f| f.scenario == Scenario::Legacy)
-        && let Some(ratio) = legacy.ratio
-    {
-        checks.push(Check {
-            target: "legacy chain ≥ 30 % of direct".into(),
-            measured: pct(ratio),
-            met: ratio >= 0.3,
-        });
-    }
-    let ng: Vec<&Figure> = figures
-        .iter()
-        .filter(|f| f.scenario == Scenario::Ng)
-        .collect();
-    if let Some(closed) = ng.iter().find(|f| f.mode == "closed")
-        && let Some(ratio) = closed.ratio
-    {
-        checks.push(Check {
-            target: "NG delivered ≥ 60 % of the broker ceiling".into(),
-            measured: pct(ratio),
-            met: ratio >= 0.6,
-        });
-    }
-    if !ng.is_empty() {
-        let lost: u64 = ng.iter().filter_map(|f| f.lost).sum();
-        checks.push(Check {
-            target: "NG loses nothing".into(),
-            measured: format!("{lost} lost"),
-            met: lost == 0,
-        });
-    }
-    if let Some(open) = ng.iter().find(|f| f.mode.starts_with("open"))
-        && let Some(drain) = open.drain_s
-    {
-        checks.push(Check {
-            target: "NG drains ≤ 1 s after load at 80 % of sustainable".into(),
-            measured: format!("{drain:.2} s"),
-            met: drain <= 1.0,
-        });
-    }
-    // Idle: each process before its first load (later "idle" figures include what the
-    // allocator kept from earlier loads). Full load: small-body figures only.
-    let mut first_idle: Vec<(&str, f64)> = Vec::new();
-    let mut peak: f64 = 0.0;
-    let mut worst_peak = String::new();
-    for f in figures {
-        for p in f.processes.iter().filter(|p| p.name != "mosquitto") {
-            if !first_idle.iter().any(|(name, _)| *name == p.name) {
-                first_idle.push((&p.name, p.rss_idle_mib));
-            }
-            if f.body_bytes < 64 << 10 && p.rss_peak_mib > peak {
-                peak = p.rss_peak_mib;
-                worst_peak.clone_from(&p.name);
-            }
-        }
-    }
-    let (worst_idle, idle) = first_idle
-        .iter()
-        .copied()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap_or_default();
-    let worst = (worst_idle.to_owned(), worst_peak);
-    if peak > 0.0 {
-        checks.push(Check {
-            target: "every service ≤ 20 MiB idle".into(),
-            measured: format!("{idle:.1} MiB at most ({})", worst.0),
-            met: idle <= 20.0,
-        });
-        checks.push(Check {
-            target: "every service ≤ 64 MiB at full load (small bodies)".into(),
-            measured: format!("{peak:.1} MiB at most ({})", worst.1),
-            met: peak <= 64.0,
-        });
-    }
-    checks
-}
-
-/// The report as a text table.
-pub fn table(report: &Report) -> String {
-    let mut out = format!(
-        "{:<30} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:<24} {:>7} {:>5}\n",
-        "figure",
-        "rate/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "ceiling",
-        "upstream",
-        "lost",
-        "drain",
-        "busiest service",
-        "gen CPU",
-        "steal"
-    );
-    for f in &report.figures {
-        let rate = f.delivered_rate.unwrap_or(f.rate);
-        let opt = |v: Option<f64>, fmt: &dyn Fn(f64) -> String| v.map_or("-".into(), fmt);
-        let busiest = f
-            .processes
-            .iter()
-            .max_by(|a, b| a.cores.total_cmp(&b.cores))
-            .map_or("-".into(), |p| {
-                format!("{} {:.0}% {:.0}M", p.name, p.cores * 100.0, p.rss_peak_mib)
-            });
-        out.push_str(&format!(
-            "{:<30} {:>9.0} {:>7.2} {:>7.2} {:>7.1} {:>7} {:>8} {:>6} {:>6} {:<24} {:>6.0}% {:>4.0}%\n",
-            f.name,
-            rate,
-            f.p50_ms,
-            f.p99_ms,
-            f.max_ms,
-            opt(f.ratio, &|r| format!("{:.0}%", r * 100.0)),
-            opt(f.vs_upstream, &|r| format!("{r:.1}×")),
-            f.lost.map_or("-".into(), |l| l.to_string()),
-            opt(f.drain_s, &|d| format!("{d:.2}s")),
-            busiest,
-            f.generator.cores * 100.0,
-            f.steal * 100.0,
-        ));
-        if f.errors > 0 {
-            out.push_str(&format!(
-                "  {} errors, first: {}\n",
-                f.errors,
-                f.first_error.as_deref().unwrap_or("?")
-            ));
-        }
-    }
-    let steal = report.figures.iter().map(|f| f.steal).fold(0.0, f64::max);
-    if steal > 0.05 {
-        out.push_str(&format!(
-            "note: the hypervisor took up to {:.0} % of this machine's CPU time during a figure \
-             (steal); such figures understate what the code does\n",
-            steal * 100.0
-        ));
-    }
-    out.push('\n');
-    for c in &report.checks {
-        out.push_str(&format!(
-            "[{}] {}: {}\n",
-            if c.met { "met" } else { "MISSED" },
-            c.target,
-            c.measured
-        ));
-    }
-    out
 }

@@ -342,6 +342,14 @@ pub struct BenchArgs {
     /// Relay payload sizes: bytes, or with a k/m suffix (KiB/MiB).
     #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values = ["1k", "16k", "128k", "1m"])]
     sizes: Vec<usize>,
+    /// The relay's connection-scaling curve: connection counts measured besides
+    /// --connections (HTTP/1.1, small body, each against direct at the same count).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 50, 200, 1000])]
+    curve: Vec<usize>,
+    /// Idle keep-alive connections the relay holds open at once, measuring its memory (0:
+    /// skip). Clamped, with a note, to what the open-files limit allows.
+    #[arg(long, default_value_t = 10_000)]
+    held: usize,
     /// NG broker: auto (Mosquitto when installed, else embedded), embedded, mosquitto, or mqtt://HOST:PORT.
     #[arg(long, default_value = "auto")]
     broker: BrokerChoice,
@@ -647,6 +655,8 @@ pub fn bench(args: BenchArgs) -> ExitCode {
         warmup,
         connections,
         sizes,
+        curve,
+        held,
         broker,
         drain_timeout,
         rounds,
@@ -667,6 +677,8 @@ pub fn bench(args: BenchArgs) -> ExitCode {
             warmup,
             connections,
             sizes,
+            curve,
+            held,
             broker,
             drain_timeout,
             out: out.unwrap_or_else(|| crate::up::default_run_dir("bench")),
@@ -675,6 +687,7 @@ pub fn bench(args: BenchArgs) -> ExitCode {
         let report = crate::bench::run(&options, &stop).await?;
         println!("{}", crate::bench::table(&report));
         println!("figures: {}", options.out.join("bench.json").display());
+        println!("markdown: {}", options.out.join("bench.md").display());
         Ok(())
     })
 }

@@ -33,9 +33,12 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_util::sync::CancellationToken;
 
+use super::generator::Mode;
+use super::nginx;
 use super::procstat::{Watched, Window};
 use super::{
-    BenchOptions, Figure, Measured, Report, Scenario, me, progress, size_name, stop_services,
+    BenchOptions, Figure, Key, Measured, Outcome, Report, Shape, me, progress, size_name,
+    stop_services,
 };
 use crate::signals::or_interrupted;
 use crate::supervisor::Supervisor;
@@ -205,31 +208,19 @@ async fn start_nginx(
     tokio::process::Child,
     tokio_rustls::rustls::pki_types::CertificateDer<'static>,
 )> {
-    let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .context("nginx is not installed (apt-get install nginx-light)")?;
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
         .context("making the TLS certificate")?;
     std::fs::write(dir.join("cert.pem"), made.cert.pem())?;
     std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem())?;
     let d = dir.display();
     let config = format!(
-        "master_process off;\n\
-         daemon off;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/nginx.error.log warn;\n\
+        "{preamble}master_process off;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n\
          \x20   access_log off;\n\
          \x20   sendfile on;\n\
          \x20   keepalive_requests 1000000;\n\
-         \x20   client_body_temp_path {d};\n\
-         \x20   proxy_temp_path {d};\n\
-         \x20   fastcgi_temp_path {d};\n\
-         \x20   uwsgi_temp_path {d};\n\
-         \x20   scgi_temp_path {d};\n\
+         {temp}\
          \x20   server {{\n\
          \x20       listen 127.0.0.1:{http_port};\n\
          \x20       listen 127.0.0.1:{tls_port} ssl;\n\
@@ -237,80 +228,28 @@ async fn start_nginx(
          \x20       ssl_certificate_key {d}/key.pem;\n\
          \x20       root {d}/www;\n\
          \x20   }}\n\
-         }}\n"
+         }}\n",
+        preamble = nginx::preamble(dir),
+        temp = nginx::temp_paths(dir),
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config)?;
-    let log = std::fs::File::create(dir.join("nginx.stderr"))?;
-    let mut child = tokio::process::Command::new(&binary)
-        .arg("-c")
-        .arg(&path)
-        .arg("-e")
-        .arg(dir.join("nginx.error.log"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for port in [http_port, tls_port] {
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!(
-                    "nginx exited ({status}); see {}",
-                    dir.join("nginx.stderr").display()
-                );
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "nginx did not listen on {port} within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let child = nginx::start(dir, &config, &[http_port, tls_port]).await?;
     Ok((child, made.cert.der().clone()))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An edge figure: `ok` answers in `seconds` (latencies p50, p99, max in ms).
 fn edge_figure(
     name: String,
-    connections: usize,
-    body_bytes: usize,
-    mode: String,
-    seconds: f64,
-    (ok, errors, first_error): (u64, u64, Option<String>),
-    latencies_ms: [f64; 3],
+    (connections, body_bytes, mode): (usize, usize, Mode),
+    outcome: Outcome,
     measured: Measured,
 ) -> Figure {
-    let rate = ok as f64 / seconds.max(1e-9);
-    Figure {
-        scenario: Scenario::Edge,
-        name,
+    let shape = Shape {
         protocol: None,
         connections,
         body_bytes,
         mode,
-        seconds,
-        ok,
-        errors,
-        first_error,
-        rate,
-        p50_ms: latencies_ms[0],
-        p99_ms: latencies_ms[1],
-        max_ms: latencies_ms[2],
-        delivered_rate: None,
-        lost: None,
-        drain_s: None,
-        ceiling: None,
-        ratio: None,
-        upstream: None,
-        vs_upstream: None,
-        steal: measured.steal,
-        generator: measured.generator,
-        processes: measured.processes,
-    }
+    };
+    Figure::new(Key::Edge(name), shape, outcome, measured)
 }
 
 /// Adds `figure` to the report. Figures come in pairs, the ceiling first: the first becomes
@@ -388,16 +327,15 @@ async fn forward(
             let measured = measured.context("wrk figures")?;
             let parsed = WrkOutput::parse(&out)
                 .with_context(|| format!("reading wrk's output for {name}:\n{out}"))?;
-            let figure = edge_figure(
-                name,
-                CONNECTIONS,
-                bytes,
-                "closed".into(),
-                parsed.seconds,
-                (parsed.requests, parsed.errors, parsed.first_error.clone()),
-                [parsed.p50_ms, parsed.p99_ms, parsed.max_ms],
-                measured,
-            );
+            let outcome = Outcome {
+                seconds: parsed.seconds,
+                ok: parsed.requests,
+                errors: parsed.errors,
+                first_error: parsed.first_error.clone(),
+                latency_ms: [parsed.p50_ms, parsed.p99_ms, parsed.max_ms],
+            };
+            let shape = (CONNECTIONS, bytes, Mode::Closed);
+            let figure = edge_figure(name, shape, outcome, measured);
             pair(
                 report,
                 &mut ceiling,
@@ -591,16 +529,15 @@ async fn connect_tls(
             let window = Window::start(all);
             let (latencies, errors, first_error) = load.run(options.duration).await;
             let measured = Measured::of(&window);
-            let figure = edge_figure(
-                name,
-                CONNECTIONS,
-                bytes,
-                "closed".into(),
-                options.duration.as_secs_f64(),
-                (latencies.len() as u64, errors, first_error),
-                quantiles(&latencies),
-                measured,
-            );
+            let outcome = Outcome {
+                seconds: options.duration.as_secs_f64(),
+                ok: latencies.len() as u64,
+                errors,
+                first_error,
+                latency_ms: quantiles(&latencies),
+            };
+            let shape = (CONNECTIONS, bytes, Mode::Closed);
+            let figure = edge_figure(name, shape, outcome, measured);
             pair(
                 report,
                 &mut ceiling,
@@ -751,16 +688,15 @@ async fn websocket(
                 all,
             )
             .await?;
-            let mut figure = edge_figure(
-                name,
-                clients,
-                PAYLOAD,
-                format!("open {:.0}/s", WS_RATE * clients as f64),
-                options.duration.as_secs_f64(),
-                (result.received, result.failed_clients, result.first_error),
-                quantiles(&result.latencies),
-                measured,
-            );
+            let outcome = Outcome {
+                seconds: options.duration.as_secs_f64(),
+                ok: result.received,
+                errors: result.failed_clients,
+                first_error: result.first_error,
+                latency_ms: quantiles(&result.latencies),
+            };
+            let shape = (clients, PAYLOAD, Mode::Open(WS_RATE * clients as f64));
+            let mut figure = edge_figure(name, shape, outcome, measured);
             figure.lost = Some(result.sent.saturating_sub(result.received));
             pair(report, &mut ceiling, figure, None);
         }

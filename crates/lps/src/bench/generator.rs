@@ -50,13 +50,35 @@ pub struct Target {
     pub path: String,
 }
 
-/// Closed or open loop.
+/// Closed or open loop; in reports `closed` or `open N/s`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     /// As fast as answers come back.
     Closed,
     /// This many requests per second.
     Open(f64),
+}
+
+impl Mode {
+    /// Whether requests follow a schedule.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Open(_))
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed"),
+            Self::Open(rate) => write!(f, "open {rate:.0}/s"),
+        }
+    }
+}
+
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// One load run.
@@ -66,8 +88,11 @@ pub struct LoadSpec {
     pub targets: Vec<Target>,
     /// Protocol.
     pub protocol: Protocol,
-    /// Connections (closed loop: also the requests in flight).
+    /// Connections (closed loop: times `streams`, the requests in flight).
     pub connections: usize,
+    /// h2c: requests in flight on each connection, each a stream of its own (HTTP/1.1
+    /// carries one at a time whatever this says).
+    pub streams: usize,
     /// Request body (JSON).
     pub body: Bytes,
     /// Closed or open loop.
@@ -171,6 +196,20 @@ impl Connection {
         })
     }
 
+    /// Another handle on the same h2c connection (a stream of its own per request);
+    /// `None` for HTTP/1.1, which carries one request at a time.
+    fn share(&self) -> Option<Self> {
+        match &self.sender {
+            Sender::Http1(_) => None,
+            Sender::H2(sender) => Some(Self {
+                target: self.target.clone(),
+                sender: Sender::H2(sender.clone()),
+                host: self.host.clone(),
+                uri: self.uri.clone(),
+            }),
+        }
+    }
+
     /// Sends one request and reads the whole answer; its status.
     async fn send(&mut self, body: &Bytes, id: u64) -> anyhow::Result<StatusCode> {
         let request = Request::post(self.uri.clone())
@@ -253,7 +292,11 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadResult> {
     let mut connections = Vec::with_capacity(spec.connections);
     for i in 0..spec.connections {
         let target = &spec.targets[i % spec.targets.len()];
-        connections.push(Connection::open(target, spec.protocol).await?);
+        let connection = Connection::open(target, spec.protocol).await?;
+        for _ in 1..spec.streams {
+            connections.extend(connection.share());
+        }
+        connections.push(connection);
     }
     let start = Instant::now();
     let shared = Arc::new(Shared {

@@ -83,6 +83,9 @@ pub struct ProcessFigures {
     pub rss_idle_mib: f64,
     /// Peak resident MiB in the window.
     pub rss_peak_mib: f64,
+    /// CPU µs per request (NG: per delivered alarm; `broker`: per delivered message) in
+    /// the window.
+    pub cpu_us_per_op: Option<f64>,
 }
 
 /// (stolen, total) clock ticks of the whole machine so far, from `/proc/stat`: time the
@@ -157,6 +160,7 @@ impl Window {
                     cores: cpu_s / wall,
                     rss_idle_mib: *idle,
                     rss_peak_mib: w.rss_mib().1,
+                    cpu_us_per_op: None,
                 }
             })
             .collect()
