@@ -67,14 +67,12 @@ impl Config {
 
 /// The router: the relay route plus `/healthz` and `/metrics`.
 pub fn app(upstream: Arc<Upstream>, registry: Registry, max_body_bytes: usize) -> Router {
-    // Bodies are buffered and re-encoded, so large ones are admitted within a budget.
-    let budget = api::BodyBudget::for_limit(max_body_bytes);
+    // Bodies are buffered (and spliced, not copied: see `store`), so large ones are
+    // admitted within a budget.
+    let budget = api::BodyBudget::for_limit(max_body_bytes).with_copies(2);
     let routes = Router::new()
         .route(STORE_PATH, post(store))
-        .route_layer(axum::middleware::from_fn_with_state(
-            budget,
-            api::BodyBudget::limit,
-        ))
+        .route_layer(budget)
         .with_state(upstream);
     finish_router(routes, registry, max_body_bytes)
 }
@@ -103,10 +101,18 @@ async fn store(
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let (message, request_id) = api::legacy_message(&headers, &body)?;
+    let (payload, request_id) = api::legacy_payload(&headers, &body)?;
+    // Bodies can be large: let go of the received buffer as soon as it is sent on.
+    drop(body);
     // Debug level: below it the span is never built (one relaxed load per request).
     let span = debug_span!("store", %request_id);
-    Ok(upstream.relay(&message, &request_id).instrument(span).await)
+    let relay = upstream.relay_payload(payload, &request_id);
+    Ok(if span.is_disabled() {
+        // No `Instrumented` wrapper around the whole relay when the span is off.
+        relay.await
+    } else {
+        relay.instrument(span).await
+    })
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when

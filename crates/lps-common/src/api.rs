@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use hyper::body::Frame;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// An error answered to the client as JSON.
@@ -96,7 +95,7 @@ impl IntoResponse for ApiError {
 
 /// Parses a JSON body, with errors that say what is wrong: empty body and malformed JSON
 /// are 400, missing or mistyped fields 422.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "empty_body",
@@ -162,7 +161,8 @@ fn body_error(error: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
     None
 }
 
-/// How many times a relay holds a buffered body at once (see [`BodyBudget`]).
+/// How many times a relay holds a buffered body at once, unless it says otherwise (see
+/// [`BodyBudget`]).
 const COPIES: u64 = 3;
 
 /// Bodies up to this many bytes are read without reserving from a [`BodyBudget`].
@@ -190,7 +190,8 @@ impl BudgetExhausted {
 /// Bounds the memory that large request bodies take at once, whatever the number of
 /// connections. A relay that buffers and re-encodes a body holds it about three times (as
 /// read, as parsed, as re-encoded), so a body reserves three times its size from a
-/// process-wide budget; without this a relay's memory grows with body size × connections.
+/// process-wide budget ([`Self::with_copies`] for a relay that holds it less); without
+/// this a relay's memory grows with body size × connections.
 ///
 /// - A body with a `Content-Length` above [`SMALL_BODY_BYTES`] reserves its size before it
 ///   is read.
@@ -207,6 +208,7 @@ pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: u32,
     max_body: u32,
+    copies: u64,
 }
 
 impl BodyBudget {
@@ -217,7 +219,16 @@ impl BodyBudget {
             bytes: Arc::new(Semaphore::new(total as usize)),
             total,
             max_body: u32::try_from(max_body).unwrap_or(u32::MAX),
+            copies: COPIES,
         }
+    }
+
+    /// A body reserves `copies` times its size (default 3): a relay that forwards the
+    /// received bytes as they are ([`legacy_payload`]) holds a body twice at most, while
+    /// it is read (the received frames and the buffer they are joined into).
+    pub fn with_copies(mut self, copies: u32) -> Self {
+        self.copies = u64::from(copies.max(1));
+        self
     }
 
     /// The budget a relay with body limit `max_body` gets: twice that, at least 8 MiB.
@@ -237,6 +248,26 @@ impl BodyBudget {
         request: Request,
         next: axum::middleware::Next,
     ) -> Response {
+        budget.admit(request, |request| next.run(request)).await
+    }
+
+    /// The length of a body that can pass without a reservation: small, or too large to be
+    /// read at all (the body limit rejects it unread). `None` when it must reserve.
+    fn exempt(&self, request: &Request) -> bool {
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        matches!(length, Some(n) if n <= SMALL_BODY_BYTES || n > u64::from(self.max_body))
+    }
+
+    /// Reserves for `request`, runs `run` on it, releases once the answer is ready.
+    async fn admit<F, Fut>(self, request: Request, run: F) -> Response
+    where
+        F: FnOnce(Request) -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        let budget = self;
         let wait = request
             .extensions()
             .get::<crate::server::Limits>()
@@ -246,11 +277,11 @@ impl BodyBudget {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         match length {
-            Some(n) if n <= SMALL_BODY_BYTES => next.run(request).await,
+            Some(n) if n <= SMALL_BODY_BYTES => run(request).await,
             // Too large: the body limit rejects it without reading it.
-            Some(n) if n > u64::from(budget.max_body) => next.run(request).await,
+            Some(n) if n > u64::from(budget.max_body) => run(request).await,
             Some(n) => {
-                let need = n.saturating_mul(COPIES).min(u64::from(budget.total));
+                let need = n.saturating_mul(budget.copies).min(u64::from(budget.total));
                 let need = u32::try_from(need).unwrap_or(budget.total);
                 let _permit = match tokio::time::timeout(wait, budget.bytes.acquire_many(need))
                     .await
@@ -259,7 +290,7 @@ impl BodyBudget {
                     Ok(Err(_closed)) => return shutting_down(),
                     Err(_elapsed) => return BudgetExhausted(wait).to_api_error().into_response(),
                 };
-                next.run(request).await
+                run(request).await
             }
             None => {
                 let held = Arc::new(Mutex::new(Held::default()));
@@ -272,11 +303,73 @@ impl BodyBudget {
                         waiting: None,
                     })
                 });
-                let response = next.run(request).await;
+                let response = run(request).await;
                 drop(held);
                 response
             }
         }
+    }
+}
+
+/// [`BodyBudget::limit`] as a layer (`router.route_layer(budget)`): a small body passes
+/// straight to the handler, with no future boxed for it.
+impl<S> tower::Layer<S> for BodyBudget {
+    type Service = Budgeted<S>;
+
+    fn layer(&self, inner: S) -> Budgeted<S> {
+        Budgeted {
+            inner,
+            budget: self.clone(),
+        }
+    }
+}
+
+/// The service of [`BodyBudget`] as a layer.
+#[derive(Clone)]
+pub struct Budgeted<S> {
+    inner: S,
+    budget: BodyBudget,
+}
+
+type BoxedResponse =
+    Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+
+impl<S> tower::Service<Request> for Budgeted<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<S::Future, BoxedResponse>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if self.budget.exempt(&request) {
+            return futures_util::future::Either::Left(self.inner.call(request));
+        }
+        // The service that was made ready serves this request; a fresh clone takes its
+        // place (tower's rule for services called from a future).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let budget = self.budget.clone();
+        futures_util::future::Either::Right(Box::pin(async move {
+            let response = budget
+                .admit(request, |request| async move {
+                    match inner.call(request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                })
+                .await;
+            Ok(response)
+        }))
     }
 }
 
@@ -361,7 +454,9 @@ impl hyper::body::Body for Metered {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .bytes;
         let room = u64::from(this.budget.total).saturating_sub(reserved);
-        let need = (data.len() as u64).saturating_mul(COPIES).min(room);
+        let need = (data.len() as u64)
+            .saturating_mul(this.budget.copies)
+            .min(room);
         let need = u32::try_from(need).unwrap_or(u32::MAX);
         if need == 0 {
             return Poll::Ready(Some(Ok(frame)));
@@ -427,6 +522,108 @@ pub fn legacy_message(
     };
     message.request_id = Some(request_id.to_string());
     Ok((message, request_id))
+}
+
+/// A legacy message as [`legacy_message`] reads it, checked without building it: what the
+/// fields must be (`id` and `body` strings, `request_id` a string or null), so that the
+/// errors are those of [`legacy_message`], word for word (hence the type's name, which
+/// serde's messages quote).
+mod checked {
+    #[derive(serde::Deserialize)]
+    pub(super) struct LegacyMessage<'a> {
+        #[allow(dead_code)]
+        id: super::JsonString,
+        #[allow(dead_code)]
+        body: super::JsonString,
+        #[serde(default, borrow)]
+        pub(super) request_id: Option<std::borrow::Cow<'a, str>>,
+    }
+}
+
+/// A JSON string, checked (valid UTF-8, valid escapes) and thrown away: no copy of it is
+/// made, however large.
+struct JsonString;
+
+impl<'de> serde::Deserialize<'de> for JsonString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = JsonString;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                // As `String` says it, so that messages stay as they were.
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<JsonString, E> {
+                Ok(JsonString)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// Bodies up to this size are sent on as one buffer; larger ones as the received bytes and
+/// the spliced tail, uncopied.
+const SPLICE_COPY_BYTES: usize = 4 << 10;
+
+/// The legacy message of a request, ready to forward, and its request id: what
+/// [`legacy_message`] reads, with the same errors and the same id, sent on as exactly the
+/// bytes `serde_json::to_vec` gives for its message.
+///
+/// No JSON tree and no copy of the strings is built. A body in the compact form
+/// `serde_json` writes ([`crate::wire::compact_message`], what every hop of the chain
+/// sends) is checked by one scan and `request_id` is spliced into the received bytes. Any
+/// other form (whitespace, other escapes, other fields or order, invalid JSON) goes through
+/// `serde_json` as before: checked, then parsed and re-encoded.
+pub fn legacy_payload(
+    headers: &http::HeaderMap,
+    body: &Bytes,
+) -> Result<(crate::upstream::Payload, crate::request_id::RequestId), ApiError> {
+    use crate::request_id::{REQUEST_ID, RequestId};
+    // The compact form needs no parser: valid UTF-8 in that form is valid JSON.
+    let compact = crate::wire::compact_message(body).filter(|_| std::str::from_utf8(body).is_ok());
+    let (end, body_id) = match compact {
+        // Valid UTF-8 (checked above). Raw: an escape in an id makes it no decimal id
+        // either way, and RequestId's error does not quote the id.
+        Some(found) => (
+            Some(found.end),
+            found.request_id.map(String::from_utf8_lossy),
+        ),
+        None => {
+            let checked: checked::LegacyMessage<'_> = parse_json(body)?;
+            (None, checked.request_id)
+        }
+    };
+    let request_id = match (headers.contains_key(&REQUEST_ID), &body_id) {
+        (false, Some(id)) => RequestId::parse(id)?,
+        _ => RequestId::from_headers(headers)?,
+    };
+    let payload = match end {
+        Some(end) => {
+            let id = request_id.as_str().as_bytes();
+            let field = crate::wire::REQUEST_ID_FIELD;
+            let mut tail = Vec::with_capacity(field.len() + id.len() + 2);
+            tail.extend_from_slice(field);
+            tail.extend_from_slice(id);
+            tail.extend_from_slice(b"\"}");
+            if end <= SPLICE_COPY_BYTES {
+                let mut whole = Vec::with_capacity(end + tail.len());
+                whole.extend_from_slice(&body[..end]);
+                whole.extend_from_slice(&tail);
+                crate::upstream::Payload::from(Bytes::from(whole))
+            } else {
+                crate::upstream::Payload::two(body.slice(..end), Bytes::from(tail))
+            }
+        }
+        None => {
+            let mut message: crate::wire::LegacyMessage = parse_json(body)?;
+            message.request_id = Some(request_id.to_string());
+            let encoded = serde_json::to_vec(&message).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+            crate::upstream::Payload::from(Bytes::from(encoded))
+        }
+    };
+    Ok((payload, request_id))
 }
 
 /// `GET /readyz`: 200 while `ready` holds, else 503; both JSON.
@@ -533,6 +730,243 @@ mod tests {
         gate.add_permits(1);
         assert_eq!(second.await.unwrap(), StatusCode::OK);
         assert_eq!(budget.available(), 3 << 20, "everything released");
+    }
+
+    /// What ars-comp-2 sent before the splice: the message parsed and re-encoded.
+    fn old_payload(headers: &http::HeaderMap, body: &[u8]) -> Result<(Vec<u8>, String), ApiError> {
+        let (message, id) = legacy_message(headers, body)?;
+        Ok((serde_json::to_vec(&message).unwrap(), id.to_string()))
+    }
+
+    /// Asserts that [`legacy_payload`] answers `body` exactly as the old path does: the same
+    /// bytes (a generated id aside) or the same error. Whether it spliced, if it succeeded.
+    fn same_as_before(headers: &http::HeaderMap, body: &[u8]) -> Option<bool> {
+        let shown = String::from_utf8_lossy(body);
+        let new = legacy_payload(headers, &Bytes::copy_from_slice(body));
+        match (old_payload(headers, body), new) {
+            (Ok((old, old_id)), Ok((payload, new_id))) => {
+                let new = payload.to_vec();
+                let generated = !headers.contains_key(crate::request_id::REQUEST_ID)
+                    && old_id != new_id.as_str();
+                let (old, new) = if generated {
+                    // Each path generated an id of its own; compare the rest.
+                    let old = String::from_utf8(old).unwrap().replace(&old_id, "ID");
+                    let new = String::from_utf8(new)
+                        .unwrap()
+                        .replace(new_id.as_str(), "ID");
+                    (old.into_bytes(), new.into_bytes())
+                } else {
+                    (old, new)
+                };
+                assert_eq!(
+                    String::from_utf8_lossy(&new),
+                    String::from_utf8_lossy(&old),
+                    "input {shown}"
+                );
+                // Whatever the path, one valid JSON object whose request_id is the id.
+                let value: serde_json::Value = serde_json::from_slice(&payload.to_vec()).unwrap();
+                assert_eq!(value["request_id"], new_id.as_str(), "input {shown}");
+                Some(crate::wire::compact_message(body).is_some())
+            }
+            (Err(old), Err(new)) => {
+                assert_eq!(new, old, "input {shown}");
+                None
+            }
+            (old, new) => panic!("input {shown}: before {old:?}, now {new:?}"),
+        }
+    }
+
+    fn with_id(id: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(crate::request_id::REQUEST_ID, id.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn splice_matches_the_old_encoding() {
+        let header = with_id("42");
+        let none = http::HeaderMap::new();
+        // (body, spliced?) for `Request-Id: 42`.
+        let cases: &[(&str, Option<bool>)] = &[
+            (r#"{"id":"1","body":"x"}"#, Some(true)),
+            (r#"{"id":"","body":""}"#, Some(true)),
+            (
+                r#"{"id":"a\"b\\c","body":"\n\t\r\b\f\u0001\u001f"}"#,
+                Some(true),
+            ),
+            (r#"{"id":"1","body":"\u007f"}"#, Some(false)),
+            ("{\"id\":\"é😀\u{7f}/\",\"body\":\"ü\"}", Some(true)),
+            (r#"{"id":"1","body":"x","request_id":"7"}"#, Some(true)),
+            (r#"{"id":"1","body":"x","request_id":"007"}"#, Some(true)),
+            // Not as serde_json writes it: re-encoded.
+            (r#"{"id":"1","body":"x","request_id":null}"#, Some(false)),
+            (r#"{ "id": "1", "body": "x" }"#, Some(false)),
+            ("{\"id\":\"1\",\"body\":\"x\"}\n", Some(false)),
+            (r#"{"body":"x","id":"1"}"#, Some(false)),
+            (
+                r#"{"id":"1","body":"x","extra":{"a":[1,{"b":"}"}]}}"#,
+                Some(false),
+            ),
+            (r#"{"id":"1","extra":"}","body":"x"}"#, Some(false)),
+            (r#"{"id":"\/","body":"x"}"#, Some(false)),
+            (r#"{"id":"\u00e9","body":"\ud83d\ude00"}"#, Some(false)),
+            (r#"{"id":"\u001F","body":"x"}"#, Some(false)),
+            (r#"{"id":"\u0008","body":"\u000a"}"#, Some(false)),
+            (r#"{"\u0069d":"1","body":"x"}"#, Some(false)),
+            (r#"["1","x"]"#, Some(false)),
+            // Refused as before.
+            (r#"{"id":"1","body":"x","request_id":"abc"}"#, Some(true)),
+            (r#"{"id":1,"body":"x"}"#, None),
+            (r#"{"id":"1"}"#, None),
+            (r#"{"id":"1","body":"x","id":"2"}"#, None),
+            (r#"{"id":"1","body":"x","request_id":5}"#, None),
+            (r#"{"id":"1","body":"x"#, None),
+            (r#"{"id":"1","body":"\ud800"}"#, None),
+            ("{\"id\":\"1\",\"body\":\"\u{1}\"}", None),
+            ("", None),
+            ("   ", None),
+            ("[]", None),
+            ("null", None),
+            (r#"{"id":"1","body":"x"} {}"#, None),
+        ];
+        for (body, spliced) in cases {
+            assert_eq!(same_as_before(&header, body.as_bytes()), *spliced, "{body}");
+            // Without the header the body's id is used (or refused), else a new one.
+            same_as_before(&none, body.as_bytes());
+        }
+        // Invalid UTF-8 in the compact form, an escaped id: refused as before.
+        for body in [
+            &b"{\"id\":\"\xff\",\"body\":\"x\"}"[..],
+            &b"{\"id\":\"1\",\"body\":\"\xc3\"}"[..],
+            br#"{"id":"1","body":"x","request_id":"1\"2"}"#,
+            br#"{"id":"1","body":"x","request_id":""}"#,
+        ] {
+            same_as_before(&none, body);
+            same_as_before(&header, body);
+        }
+        assert_eq!(
+            same_as_before(&none, br#"{"id":"1","body":"x","request_id":"1\"2"}"#),
+            None
+        );
+        // The body's id when no header names one.
+        let (payload, id) = legacy_payload(
+            &none,
+            &Bytes::from_static(br#"{"id":"1","body":"x","request_id":"9"}"#),
+        )
+        .unwrap();
+        assert_eq!(id.as_str(), "9");
+        assert_eq!(
+            payload.to_vec(),
+            br#"{"id":"1","body":"x","request_id":"9"}"#
+        );
+        let err = legacy_payload(
+            &none,
+            &Bytes::from_static(br#"{"id":"1","body":"x","request_id":"abc"}"#),
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "invalid_request_id");
+    }
+
+    #[test]
+    fn splice_matches_the_old_encoding_on_random_messages() {
+        use rand::{Rng, SeedableRng};
+        const PALETTE: &[&str] = &[
+            "a", "Z", "0", " ", "\"", "\\", "/", "\n", "\t", "\r", "\u{8}", "\u{c}", "\u{1}",
+            "\u{1f}", "\u{7f}", "é", "😀", "{", "}", ":", ",", "\\u0041",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let text = |rng: &mut rand::rngs::StdRng| -> String {
+            let len = rng.random_range(0..12);
+            (0..len)
+                .map(|_| PALETTE[rng.random_range(0..PALETTE.len())])
+                .collect()
+        };
+        let header = with_id("123456789");
+        let none = http::HeaderMap::new();
+        let (mut spliced, mut encoded, mut refused) = (0, 0, 0);
+        for round in 0..4000 {
+            let mut fields = vec![
+                ("id", serde_json::to_string(&text(&mut rng)).unwrap()),
+                ("body", serde_json::to_string(&text(&mut rng)).unwrap()),
+            ];
+            match rng.random_range(0..6) {
+                0 => fields.push(("request_id", "\"31\"".to_owned())),
+                1 => fields.push(("request_id", "null".to_owned())),
+                2 => fields.push(("extra", r#"{"n":[1,2,{"s":"}\""}],"u":"é"}"#.to_owned())),
+                3 => fields.push(("request_id", "31".to_owned())),
+                _ => {}
+            }
+            // Sometimes another order, other escapes or whitespace: not the compact form.
+            let mut compact = true;
+            if rng.random_range(0..4) == 0 {
+                fields.swap(0, 1);
+                compact = false;
+            }
+            let mut body = format!(
+                "{{{}}}",
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            match rng.random_range(0..8) {
+                0 if body.contains('/') => {
+                    body = body.replace('/', "\\/");
+                    compact = false;
+                }
+                1 if body.contains('é') => {
+                    body = body.replace('é', "\\u00e9");
+                    compact = false;
+                }
+                2 => {
+                    body = body.replace(',', " , ");
+                    compact = !body.contains(" , ");
+                }
+                3 => {
+                    body.push('\n');
+                    compact = false;
+                }
+                // Broken JSON: cut short.
+                4 => {
+                    let mut cut = rng.random_range(0..body.len());
+                    while !body.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    body.truncate(cut);
+                    compact = false;
+                }
+                _ => {}
+            }
+            let headers = if round % 3 == 0 { &none } else { &header };
+            match same_as_before(headers, body.as_bytes()) {
+                Some(true) => spliced += 1,
+                Some(false) => {
+                    // Every compact message with string fields only is spliced.
+                    let plain = fields
+                        .iter()
+                        .all(|(k, v)| *k != "extra" && v.starts_with('"'));
+                    assert!(!(compact && plain), "not spliced: {body}");
+                    encoded += 1;
+                }
+                None => refused += 1,
+            }
+        }
+        assert!(
+            spliced > 500 && encoded > 500 && refused > 100,
+            "{spliced} {encoded} {refused}"
+        );
+    }
+
+    #[test]
+    fn large_bodies_are_sent_uncopied() {
+        let text = "x\\\"é".repeat(20_000);
+        let body = Bytes::from(format!(r#"{{"id":"1","body":"{text}"}}"#));
+        let (payload, _) = legacy_payload(&with_id("5"), &body).unwrap();
+        let old = old_payload(&with_id("5"), &body).unwrap().0;
+        assert_eq!(payload.to_vec(), old);
+        // The head is a view of the received buffer, not a copy.
+        assert_eq!(payload.head.as_ptr(), body.as_ptr());
     }
 
     #[derive(serde::Deserialize, Debug)]

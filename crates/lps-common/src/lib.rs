@@ -53,7 +53,7 @@ pub fn finish_router(app: Router, mut registry: Registry, max_body_bytes: usize)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(http, metrics::track))
+        .layer(metrics::TrackLayer::new(http))
 }
 
 /// Prints a configuration error on one line and exits with code 64.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -255,7 +255,72 @@ struct Pool {
     client: HttpClient,
 }
 
-type HttpClient = Client<HttpConnector<CacheResolver>, Full<Bytes>>;
+type HttpClient = Client<HttpConnector<CacheResolver>, Payload>;
+
+/// A request body sent as one or two buffers, as they are: a relay forwards the bytes it
+/// received and the tail it spliced on without copying them into one (see
+/// [`crate::api::legacy_payload`]). Cloning it clones two `Bytes` handles.
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    pub(crate) head: Bytes,
+    tail: Bytes,
+}
+
+impl Payload {
+    /// `head` then `tail`.
+    pub fn two(head: Bytes, tail: Bytes) -> Self {
+        Self { head, tail }
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in one buffer (tests, logs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.head[..], &self.tail[..]].concat()
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(head: Bytes) -> Self {
+        Self {
+            head,
+            tail: Bytes::new(),
+        }
+    }
+}
+
+impl hyper::body::Body for Payload {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let next = if self.head.is_empty() {
+            std::mem::take(&mut self.tail)
+        } else {
+            std::mem::take(&mut self.head)
+        };
+        std::task::Poll::Ready((!next.is_empty()).then(|| Ok(hyper::body::Frame::data(next))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len() as u64)
+    }
+}
 
 /// How often a request refused by an HTTP/2 target before it was processed (GOAWAY,
 /// REFUSED_STREAM) is sent again, as reqwest did.
@@ -392,13 +457,20 @@ impl Upstream {
     /// Relays `message` as JSON: 200 with upstream's success body when a target answered
     /// 2xx, the mapped [`ApiError`] otherwise. Both carry the `Request-Id` header.
     pub async fn relay(&self, message: &LegacyMessage, request_id: &RequestId) -> Response {
-        let result = match serde_json::to_vec(message) {
-            Ok(payload) => self.post_json(payload.into(), request_id).await,
-            Err(e) => {
-                return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                    .into_response();
+        match serde_json::to_vec(message) {
+            Ok(payload) => {
+                self.relay_payload(Bytes::from(payload).into(), request_id)
+                    .await
             }
-        };
+            Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                .into_response(),
+        }
+    }
+
+    /// Relays a JSON `payload` already encoded (see [`crate::api::legacy_payload`]), as
+    /// [`Self::relay`] does.
+    pub async fn relay_payload(&self, payload: Payload, request_id: &RequestId) -> Response {
+        let result = self.post_payload(payload, request_id).await;
         let response = match result {
             Ok(_) => {
                 debug!(%request_id, "forwarded");
@@ -418,6 +490,16 @@ impl Upstream {
         body: Bytes,
         request_id: &RequestId,
     ) -> Result<StatusCode, UpstreamError> {
+        self.post_payload(body.into(), request_id).await
+    }
+
+    /// POSTs a JSON `body` in one or two buffers with `Request-Id` to the next target;
+    /// succeeds on a 2xx.
+    pub async fn post_payload(
+        &self,
+        body: Payload,
+        request_id: &RequestId,
+    ) -> Result<StatusCode, UpstreamError> {
         let result = self.post_inner(body, request_id).await;
         if let Err(error) = &result {
             self.metrics
@@ -430,7 +512,7 @@ impl Upstream {
 
     async fn post_inner(
         &self,
-        body: Bytes,
+        body: Payload,
         request_id: &RequestId,
     ) -> Result<StatusCode, UpstreamError> {
         let order = self.order();
@@ -509,10 +591,10 @@ impl Upstream {
         &self,
         client: &HttpClient,
         target: &Target,
-        body: Bytes,
+        body: Payload,
         id: &HeaderValue,
     ) -> Exchange {
-        let mut request = Request::new(Full::new(body));
+        let mut request = Request::new(body);
         *request.method_mut() = Method::POST;
         *request.uri_mut() = target.uri.clone();
         let headers = request.headers_mut();

@@ -145,3 +145,111 @@ pub fn validate_payload(
     };
     crate::request_id::RequestId::parse(&id).map_err(|e| ("no_request_id", e.message))
 }
+
+/// The key and opening quote of the `request_id` a relay adds: `,"request_id":"`.
+pub const REQUEST_ID_FIELD: &[u8] = br#","request_id":""#;
+
+/// A legacy message in the compact form `serde_json` writes (see [`compact_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactMessage<'a> {
+    /// The length of the prefix that ends with the `body` string: where a relay splices
+    /// its `request_id` in.
+    pub end: usize,
+    /// The `request_id` it carries, as written between its quotes (escapes untouched).
+    pub request_id: Option<&'a [u8]>,
+}
+
+/// Whether `json` is exactly what `serde_json` writes for a [`LegacyMessage`]:
+/// `{"id":S,"body":S}` or `{"id":S,"body":S,"request_id":S}`, no whitespace, every string
+/// `S` escaped as `serde_json` escapes it (`\"`, `\\`, `\b \f \n \r \t`, `\u00xx` for the
+/// other control characters, everything else raw). `None` for any other form. Checks the
+/// form only, without allocating; with `json` valid UTF-8 as well, it is valid JSON.
+///
+/// Then `json[..end]` + [`REQUEST_ID_FIELD`] + the id + `"}` is, byte for byte, what
+/// `serde_json::to_vec` gives for the message with that `request_id` (a request id is
+/// digits only and needs no escaping): what [`crate::api::legacy_payload`] sends.
+pub fn compact_message(json: &[u8]) -> Option<CompactMessage<'_>> {
+    let rest = json.strip_prefix(br#"{"id":"#)?;
+    let at = json.len() - rest.len();
+    let at = at + canonical_string_len(rest)?;
+    let rest = json[at..].strip_prefix(br#","body":"#)?;
+    let body_start = json.len() - rest.len();
+    let end = body_start + canonical_string_len(rest)?;
+    match &json[end..] {
+        b"}" => Some(CompactMessage {
+            end,
+            request_id: None,
+        }),
+        tail => {
+            let rest = tail.strip_prefix(br#","request_id":"#)?;
+            let len = canonical_string_len(rest)?;
+            (rest.get(len..) == Some(b"}".as_slice())).then(|| CompactMessage {
+                end,
+                request_id: Some(&rest[1..len - 1]),
+            })
+        }
+    }
+}
+
+/// The length of the JSON string at the start of `s` (quotes included) if it is written as
+/// `serde_json` writes strings; `None` if it is not, or is not a string.
+fn canonical_string_len(s: &[u8]) -> Option<usize> {
+    if s.first() != Some(&b'"') {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        i += skip_plain(&s[i..]);
+        match *s.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => match *s.get(i + 1)? {
+                b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                b'u' => {
+                    // `\u00xx`, lower-case hex, for a control character other than the
+                    // five serde_json writes in short form.
+                    let value = match s.get(i + 2..i + 6)? {
+                        [b'0', b'0', high @ (b'0' | b'1'), low] => {
+                            let low = match low {
+                                b'0'..=b'9' => low - b'0',
+                                b'a'..=b'f' => low - b'a' + 10,
+                                _ => return None,
+                            };
+                            (high - b'0') << 4 | low
+                        }
+                        _ => return None,
+                    };
+                    if matches!(value, 0x08 | 0x09 | 0x0a | 0x0c | 0x0d) {
+                        return None;
+                    }
+                    i += 6;
+                }
+                _ => return None,
+            },
+            // A raw control character: not valid JSON.
+            _ => return None,
+        }
+    }
+}
+
+/// How many bytes at the start of `s` need no look: neither `"`, `\` nor a control
+/// character. A block at a time, without an early exit inside it, which the compiler
+/// vectorises: bodies can be large.
+fn skip_plain(s: &[u8]) -> usize {
+    const BLOCK: usize = 32;
+    let mut i = 0;
+    for block in s.chunks_exact(BLOCK) {
+        // Bitwise, not `||`: no branch per byte, so that this compiles to vector compares.
+        let mut special = 0u8;
+        for &b in block {
+            special |= u8::from(b == b'"') | u8::from(b == b'\\') | u8::from(b < 0x20);
+        }
+        if special != 0 {
+            break;
+        }
+        i += BLOCK;
+    }
+    i + s[i..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(s.len() - i)
+}
