@@ -66,15 +66,23 @@
 //!   drain within its timeout). When `run.json` has no `drained_us` key at all it is
 //!   `drain_observed_s`: the time from load end to the last first arrival of an
 //!   acknowledged id (0 when all arrived before the load ended; null when any is lost).
-//! - Percentiles use the nearest-rank method on the sorted sample; every statistic is null
-//!   when its sample is empty (`count` 0).
+//! - Percentiles use the nearest-rank method on an HdrHistogram of the sample (within
+//!   0.01 %, see `analyze/latency.rs`); count, mean and max are exact; every statistic is
+//!   null when its sample is empty (`count` 0).
 //!
 //! # Outputs of [`write_report`]
 //!
 //! `summary.json` (one key per topology), `summary.csv` (one row per topology),
-//! `requests_<topology>.csv` (one row per alarm) and `report.html`: one self-contained
-//! page with inline CSS and SVG, the topologies side by side.
+//! `requests_<topology>.csv` (one row per alarm), `throughput_<topology>.csv` (the
+//! `throughput` buckets), `e2e_<topology>.hgrm` and `response_<topology>.hgrm`
+//! (HdrHistogram percentile distributions, milliseconds) and `report.html`: one
+//! self-contained page with inline CSS and SVG, the topologies side by side, a definition
+//! under every figure, and with two runs a table of their differences with the better
+//! value marked. The CSV headers are the field names of serde row types, so they cannot
+//! drift from the values. [`findings`] is the report of `lps reproduce`.
 
+pub mod findings;
+mod latency;
 mod report;
 mod svg;
 
@@ -84,6 +92,8 @@ use std::path::Path;
 use anyhow::Context;
 use rast_simulator::journal::{LEDGER_FILE, LedgerRecord};
 use serde::{Deserialize, Serialize};
+
+use latency::Latency;
 
 use crate::records::{
     BRIDGE_METRICS, BridgeSample, CLIENT_LEDGER, ClientRecord, FAULTS, FaultRecord, FinalStatus,
@@ -96,9 +106,9 @@ pub use report::{table, write_report};
 pub const ALARM_COMMAND: &str = lps_common::wire::STORE_COMMAND;
 
 /// EN 50136 limit on a step's average response time, milliseconds.
-const STEP_AVG_LIMIT_MS: f64 = 10_000.0;
+pub(crate) const STEP_AVG_LIMIT_MS: f64 = 10_000.0;
 /// EN 50136 limit on a step's maximum response time, milliseconds.
-const STEP_MAX_LIMIT_MS: f64 = 30_000.0;
+pub(crate) const STEP_MAX_LIMIT_MS: f64 = 30_000.0;
 
 /// Distribution of a sample (milliseconds); every figure is null when `count` is 0.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -118,33 +128,10 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Statistics of `values` (sorted here).
-    pub fn of(mut values: Vec<f64>) -> Self {
-        values.sort_by(f64::total_cmp);
-        Self::of_sorted(&values)
+    /// Statistics of `values` (see [`latency`] for the precision of the percentiles).
+    pub fn of(values: Vec<f64>) -> Self {
+        values.into_iter().collect::<Latency>().stats()
     }
-
-    /// Statistics of an ascending sample.
-    pub fn of_sorted(sorted: &[f64]) -> Self {
-        let n = sorted.len();
-        Self {
-            count: n as u64,
-            mean: (n > 0).then(|| sorted.iter().sum::<f64>() / n as f64),
-            p50: percentile(sorted, 50.0),
-            p90: percentile(sorted, 90.0),
-            p99: percentile(sorted, 99.0),
-            max: sorted.last().copied(),
-        }
-    }
-}
-
-/// The `p`-th percentile (0-100) of an ascending sample, nearest-rank method.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// Latency of each hop, over acknowledged and delivered ids (first arrival).
@@ -305,8 +292,10 @@ pub(crate) struct RequestRow {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Detail {
     pub requests: Vec<RequestRow>,
-    /// Ascending e2e latencies, milliseconds.
-    pub e2e_sorted: Vec<f64>,
+    /// End-to-end latencies (client first send → first arrival's end).
+    pub e2e: Latency,
+    /// Response times (client first send → success).
+    pub response: Latency,
 }
 
 /// Reads the run folder and computes its summary.
@@ -404,6 +393,9 @@ pub(crate) fn analyze(run_dir: &Path) -> anyhow::Result<(Summary, Detail)> {
     ))
 }
 
+/// The summary and detail of one run from its parsed inputs, in named steps: the
+/// simulator side ([`arrivals`]), the client side ([`client_side`]), [`steps`],
+/// [`throughput`], [`queueing`] and [`drain`].
 fn compute(
     info: RunInfo,
     has_drained: bool,
@@ -414,194 +406,16 @@ fn compute(
     sim: &[LedgerRecord],
 ) -> (Summary, Detail) {
     let t0 = info.load_start_us;
-
-    // The simulator side: first arrival per id, background and rejected records.
-    let mut arrivals: HashMap<&str, Arrival> = HashMap::new();
-    let mut background = Background::default();
-    let mut simulator_rejected = 0;
-    let mut processing = Vec::new();
-    let mut busy = Vec::new();
-    for r in sim {
-        if r.cmd != ALARM_COMMAND {
-            background.simulator_arrivals += 1;
-            continue;
-        }
-        if r.status != 200 {
-            simulator_rejected += 1;
-            continue;
-        }
-        processing.push(ms(r.start_us, r.end_us));
-        busy.push((r.start_us, r.end_us));
-        arrivals
-            .entry(&r.uid)
-            .and_modify(|a| {
-                a.count += 1;
-                if (r.start_us, r.end_us) < (a.start_us, a.end_us) {
-                    a.start_us = r.start_us;
-                    a.end_us = r.end_us;
-                }
-            })
-            .or_insert(Arrival {
-                count: 1,
-                start_us: r.start_us,
-                end_us: r.end_us,
-            });
-    }
-    let served = processing.len() as u64;
-    let duplicates = arrivals.values().map(|a| a.count - 1).sum();
-    let duplicate_ids = arrivals.values().filter(|a| a.count > 1).count() as u64;
-
-    // The client side.
-    let mut alarms = Vec::new();
-    for r in client {
-        match r.kind {
-            RequestKind::Alarm => alarms.push(r),
-            RequestKind::Background => {
-                background.sent += 1;
-                if r.status == FinalStatus::Ok {
-                    background.acknowledged += 1;
-                }
-            }
-        }
-    }
-    let acked: HashSet<&str> = alarms
-        .iter()
-        .filter(|r| r.status == FinalStatus::Ok)
-        .map(|r| r.id.as_str())
-        .collect();
-    let known: HashSet<&str> = alarms.iter().map(|r| r.id.as_str()).collect();
-    let delivered = acked.iter().filter(|id| arrivals.contains_key(*id)).count() as u64;
-    let lost = acked.len() as u64 - delivered;
-    let unacknowledged_delivered = known
-        .iter()
-        .filter(|id| !acked.contains(*id) && arrivals.contains_key(*id))
-        .count() as u64;
-    let unknown_delivered = arrivals.keys().filter(|id| !known.contains(*id)).count() as u64;
-
-    let mut client_errors = 0u64;
-    let mut retries = 0u64;
-    let mut response = Vec::new();
-    let mut e2e = Vec::new();
-    let mut to_backend = Vec::new();
-    let mut backend = Vec::new();
-    let mut back_to_client = Vec::new();
-    let mut acknowledged_before_backend = 0;
-    let mut rows = Vec::with_capacity(alarms.len());
-    let mut last_first_arrival: Option<u64> = None;
-    let mut lambda_count = 0u64;
-    for r in &alarms {
-        let ok = r.status == FinalStatus::Ok;
-        retries += u64::from(r.attempts.saturating_sub(1));
-        client_errors += u64::from(if ok {
-            r.attempts.saturating_sub(1)
-        } else {
-            r.attempts
-        });
-        let arrival = arrivals.get(r.id.as_str());
-        let response_ms = if ok { r.response_ms() } else { None };
-        let mut e2e_ms = None;
-        if ok {
-            response.extend(response_ms);
-            if (info.load_start_us..=info.load_end_us).contains(&r.first_send_us) {
-                lambda_count += 1;
-            }
-            if let Some(a) = arrival {
-                let latency = ms(r.first_send_us, a.end_us);
-                e2e_ms = Some(latency);
-                e2e.push(latency);
-                to_backend.push(ms(r.first_send_us, a.start_us));
-                backend.push(ms(a.start_us, a.end_us));
-                match r.success_us {
-                    Some(s) if s >= a.end_us => back_to_client.push(ms(a.end_us, s)),
-                    _ => acknowledged_before_backend += 1,
-                }
-                last_first_arrival = last_first_arrival.max(Some(a.end_us));
-            }
-        }
-        rows.push(RequestRow {
-            id: r.id.clone(),
-            first_send_us: r.first_send_us,
-            success_us: r.success_us,
-            attempts: r.attempts,
-            delivered_count: arrival.map_or(0, |a| a.count),
-            e2e_ms,
-            response_ms,
-        });
-    }
-
-    // Steps.
-    let mut per_step = Vec::new();
-    if alarms.iter().any(|r| r.step > 0) {
-        let mut steps: BTreeMap<u32, Vec<&ClientRecord>> = BTreeMap::new();
-        for r in &alarms {
-            steps.entry(r.step).or_default().push(r);
-        }
-        for (step, records) in steps {
-            let times: Vec<f64> = records
-                .iter()
-                .filter(|r| r.status == FinalStatus::Ok)
-                .filter_map(|r| r.response_ms())
-                .collect();
-            let avg = (!times.is_empty()).then(|| times.iter().sum::<f64>() / times.len() as f64);
-            let max = times.iter().copied().reduce(f64::max);
-            let start = records.iter().map(|r| r.first_send_us).min().unwrap_or(t0);
-            per_step.push(StepStats {
-                step,
-                start_s: ms(t0, start) / 1000.0,
-                requests: records.len() as u64,
-                acknowledged: records
-                    .iter()
-                    .filter(|r| r.status == FinalStatus::Ok)
-                    .count() as u64,
-                avg_response_ms: avg,
-                max_response_ms: max,
-                within_limits: avg.is_some_and(|a| a <= STEP_AVG_LIMIT_MS)
-                    && max.is_some_and(|m| m <= STEP_MAX_LIMIT_MS),
-            });
-        }
-    }
-
-    // Throughput.
-    let mut buckets: BTreeMap<i64, Bucket> = BTreeMap::new();
-    for r in &alarms {
-        bucket(&mut buckets, second(t0, r.first_send_us)).sent += 1;
-        if r.status == FinalStatus::Ok
-            && let Some(s) = r.success_us
-        {
-            bucket(&mut buckets, second(t0, s)).acknowledged += 1;
-        }
-    }
-    for a in arrivals.values() {
-        bucket(&mut buckets, second(t0, a.end_us)).delivered += 1;
-    }
-    let throughput = fill_gaps(buckets);
+    let sim_side = arrivals(sim);
+    let side = client_side(client, &sim_side.arrivals, &info);
+    let alarms = &side.alarms;
+    let throughput = throughput(alarms, &sim_side.arrivals, t0);
     let peak_delivered_per_s = throughput.iter().map(|b| b.delivered).max().unwrap_or(0);
-
-    // Queueing.
-    let load_window_s = ms(info.load_start_us, info.load_end_us) / 1000.0;
-    let busy_s = union_us(busy) as f64 / 1e6;
-    let lambda_per_s = (load_window_s > 0.0).then(|| lambda_count as f64 / load_window_s);
-    let mu_per_s = (busy_s > 0.0).then(|| served as f64 / busy_s);
-    let rho = match (lambda_per_s, mu_per_s) {
-        (Some(l), Some(m)) => Some(l / m),
-        _ => None,
-    };
-
-    // Drain.
-    let drain_observed_s = if lost == 0 && !acked.is_empty() {
-        last_first_arrival.map(|last| (ms(info.load_end_us, last) / 1000.0).max(0.0))
-    } else {
-        None
-    };
-    let drain_s = if has_drained {
-        info.drained_us
-            .map(|d| (ms(info.load_end_us, d) / 1000.0).max(0.0))
-    } else {
-        drain_observed_s
-    };
-
-    let mut e2e_sorted = e2e;
-    e2e_sorted.sort_by(f64::total_cmp);
+    let queueing = queueing(&info, &side, &sim_side, peak_delivered_per_s);
+    let (drain_s, drain_observed_s) = drain(&info, has_drained, &side);
+    let e2e: Latency = side.e2e.iter().copied().collect();
+    let response: Latency = side.response.iter().copied().collect();
+    let arrivals = &sim_side.arrivals;
     let summary = Summary {
         topology: info.topology,
         broker: info.broker,
@@ -618,46 +432,307 @@ fn compute(
             .iter()
             .filter(|r| r.status == FinalStatus::Failed)
             .count() as u64,
-        delivered,
-        lost,
-        duplicates,
-        duplicate_ids,
-        unacknowledged_delivered,
-        unknown_delivered,
-        simulator_rejected,
-        client_errors,
-        retries,
-        e2e_latency_ms: Stats::of_sorted(&e2e_sorted),
-        response_time_ms: Stats::of(response),
-        sim_processing_ms: Stats::of(processing),
+        delivered: side.delivered,
+        lost: side.lost,
+        duplicates: arrivals.values().map(|a| a.count - 1).sum(),
+        duplicate_ids: arrivals.values().filter(|a| a.count > 1).count() as u64,
+        unacknowledged_delivered: side.unacknowledged_delivered,
+        unknown_delivered: side.unknown_delivered,
+        simulator_rejected: sim_side.rejected,
+        client_errors: side.client_errors,
+        retries: side.retries,
+        e2e_latency_ms: e2e.stats(),
+        response_time_ms: response.stats(),
+        sim_processing_ms: Stats::of(sim_side.processing),
         per_hop_ms: PerHop {
-            to_backend: Stats::of(to_backend),
-            backend: Stats::of(backend),
-            back_to_client: Stats::of(back_to_client),
-            acknowledged_before_backend,
+            to_backend: Stats::of(side.to_backend),
+            backend: Stats::of(side.backend),
+            back_to_client: Stats::of(side.back_to_client),
+            acknowledged_before_backend: side.acknowledged_before_backend,
         },
-        per_step,
+        per_step: steps(alarms, t0),
         throughput,
         per_instance: forwarded_per_instance(samples),
-        queueing: Queueing {
-            lambda_per_s,
-            mu_per_s,
-            rho,
-            load_window_s,
-            busy_s,
-            served,
-            peak_delivered_per_s,
-        },
+        queueing,
         drain_s,
         drain_observed_s,
-        background,
+        background: Background {
+            sent: side.background_sent,
+            acknowledged: side.background_acknowledged,
+            simulator_arrivals: sim_side.background_arrivals,
+        },
         faults,
     };
     let detail = Detail {
-        requests: rows,
-        e2e_sorted,
+        requests: side.rows,
+        e2e,
+        response,
     };
     (summary, detail)
+}
+
+/// The simulator side of a run.
+struct SimulatorSide<'a> {
+    /// First arrival and count per alarm id (status 200 only).
+    arrivals: HashMap<&'a str, Arrival>,
+    /// Records of other commands.
+    background_arrivals: u64,
+    /// Alarm records with another status than 200.
+    rejected: u64,
+    /// `end − start` of every alarm arrival, ms.
+    processing: Vec<f64>,
+    /// `[start, end]` of every alarm arrival.
+    busy: Vec<(u64, u64)>,
+}
+
+/// First arrival per id, background and rejected records.
+fn arrivals(sim: &[LedgerRecord]) -> SimulatorSide<'_> {
+    let mut side = SimulatorSide {
+        arrivals: HashMap::new(),
+        background_arrivals: 0,
+        rejected: 0,
+        processing: Vec::new(),
+        busy: Vec::new(),
+    };
+    for r in sim {
+        if r.cmd != ALARM_COMMAND {
+            side.background_arrivals += 1;
+            continue;
+        }
+        if r.status != 200 {
+            side.rejected += 1;
+            continue;
+        }
+        side.processing.push(ms(r.start_us, r.end_us));
+        side.busy.push((r.start_us, r.end_us));
+        side.arrivals
+            .entry(&r.uid)
+            .and_modify(|a| {
+                a.count += 1;
+                if (r.start_us, r.end_us) < (a.start_us, a.end_us) {
+                    a.start_us = r.start_us;
+                    a.end_us = r.end_us;
+                }
+            })
+            .or_insert(Arrival {
+                count: 1,
+                start_us: r.start_us,
+                end_us: r.end_us,
+            });
+    }
+    side
+}
+
+/// The client side of a run, joined with the arrivals.
+#[derive(Default)]
+struct ClientSide<'a> {
+    alarms: Vec<&'a ClientRecord>,
+    acked: HashSet<&'a str>,
+    background_sent: u64,
+    background_acknowledged: u64,
+    delivered: u64,
+    lost: u64,
+    unacknowledged_delivered: u64,
+    unknown_delivered: u64,
+    client_errors: u64,
+    retries: u64,
+    response: Vec<f64>,
+    e2e: Vec<f64>,
+    to_backend: Vec<f64>,
+    backend: Vec<f64>,
+    back_to_client: Vec<f64>,
+    acknowledged_before_backend: u64,
+    rows: Vec<RequestRow>,
+    /// Latest end of a first arrival of an acknowledged id.
+    last_first_arrival: Option<u64>,
+    /// Acknowledged alarms first sent within the load window (λ).
+    lambda_count: u64,
+}
+
+/// Alarms and background records, the id sets (loss), and per alarm its figures.
+fn client_side<'a>(
+    client: &'a [ClientRecord],
+    arrivals: &HashMap<&str, Arrival>,
+    info: &RunInfo,
+) -> ClientSide<'a> {
+    let mut side = ClientSide::default();
+    for r in client {
+        match r.kind {
+            RequestKind::Alarm => side.alarms.push(r),
+            RequestKind::Background => {
+                side.background_sent += 1;
+                if r.status == FinalStatus::Ok {
+                    side.background_acknowledged += 1;
+                }
+            }
+        }
+    }
+    side.acked = side
+        .alarms
+        .iter()
+        .filter(|r| r.status == FinalStatus::Ok)
+        .map(|r| r.id.as_str())
+        .collect();
+    let known: HashSet<&str> = side.alarms.iter().map(|r| r.id.as_str()).collect();
+    side.delivered = side
+        .acked
+        .iter()
+        .filter(|id| arrivals.contains_key(*id))
+        .count() as u64;
+    side.lost = side.acked.len() as u64 - side.delivered;
+    side.unacknowledged_delivered = known
+        .iter()
+        .filter(|id| !side.acked.contains(*id) && arrivals.contains_key(*id))
+        .count() as u64;
+    side.unknown_delivered = arrivals.keys().filter(|id| !known.contains(*id)).count() as u64;
+    side.rows.reserve(side.alarms.len());
+    for r in side.alarms.clone() {
+        let row = side.alarm(r, arrivals.get(r.id.as_str()), info);
+        side.rows.push(row);
+    }
+    side
+}
+
+impl ClientSide<'_> {
+    /// Adds one alarm's retries, latencies and hop times; returns its CSV row.
+    fn alarm(&mut self, r: &ClientRecord, arrival: Option<&Arrival>, info: &RunInfo) -> RequestRow {
+        let ok = r.status == FinalStatus::Ok;
+        self.retries += u64::from(r.attempts.saturating_sub(1));
+        self.client_errors += u64::from(if ok {
+            r.attempts.saturating_sub(1)
+        } else {
+            r.attempts
+        });
+        let response_ms = if ok { r.response_ms() } else { None };
+        let mut e2e_ms = None;
+        if ok {
+            self.response.extend(response_ms);
+            if (info.load_start_us..=info.load_end_us).contains(&r.first_send_us) {
+                self.lambda_count += 1;
+            }
+            if let Some(a) = arrival {
+                let latency = ms(r.first_send_us, a.end_us);
+                e2e_ms = Some(latency);
+                self.e2e.push(latency);
+                self.to_backend.push(ms(r.first_send_us, a.start_us));
+                self.backend.push(ms(a.start_us, a.end_us));
+                match r.success_us {
+                    Some(s) if s >= a.end_us => self.back_to_client.push(ms(a.end_us, s)),
+                    _ => self.acknowledged_before_backend += 1,
+                }
+                self.last_first_arrival = self.last_first_arrival.max(Some(a.end_us));
+            }
+        }
+        RequestRow {
+            id: r.id.clone(),
+            first_send_us: r.first_send_us,
+            success_us: r.success_us,
+            attempts: r.attempts,
+            delivered_count: arrival.map_or(0, |a| a.count),
+            e2e_ms,
+            response_ms,
+        }
+    }
+}
+
+/// Per performance step (empty unless some alarm has `step > 0`).
+fn steps(alarms: &[&ClientRecord], t0: u64) -> Vec<StepStats> {
+    if !alarms.iter().any(|r| r.step > 0) {
+        return Vec::new();
+    }
+    let mut steps: BTreeMap<u32, Vec<&ClientRecord>> = BTreeMap::new();
+    for r in alarms {
+        steps.entry(r.step).or_default().push(r);
+    }
+    steps
+        .into_iter()
+        .map(|(step, records)| {
+            let times: Vec<f64> = records
+                .iter()
+                .filter(|r| r.status == FinalStatus::Ok)
+                .filter_map(|r| r.response_ms())
+                .collect();
+            let avg = (!times.is_empty()).then(|| times.iter().sum::<f64>() / times.len() as f64);
+            let max = times.iter().copied().reduce(f64::max);
+            let start = records.iter().map(|r| r.first_send_us).min().unwrap_or(t0);
+            StepStats {
+                step,
+                start_s: ms(t0, start) / 1000.0,
+                requests: records.len() as u64,
+                acknowledged: records
+                    .iter()
+                    .filter(|r| r.status == FinalStatus::Ok)
+                    .count() as u64,
+                avg_response_ms: avg,
+                max_response_ms: max,
+                within_limits: avg.is_some_and(|a| a <= STEP_AVG_LIMIT_MS)
+                    && max.is_some_and(|m| m <= STEP_MAX_LIMIT_MS),
+            }
+        })
+        .collect()
+}
+
+/// Alarms sent, acknowledged and delivered per second since `t0`, gaps filled.
+fn throughput(alarms: &[&ClientRecord], arrivals: &HashMap<&str, Arrival>, t0: u64) -> Vec<Bucket> {
+    let mut buckets: BTreeMap<i64, Bucket> = BTreeMap::new();
+    for r in alarms {
+        bucket(&mut buckets, second(t0, r.first_send_us)).sent += 1;
+        if r.status == FinalStatus::Ok
+            && let Some(s) = r.success_us
+        {
+            bucket(&mut buckets, second(t0, s)).acknowledged += 1;
+        }
+    }
+    for a in arrivals.values() {
+        bucket(&mut buckets, second(t0, a.end_us)).delivered += 1;
+    }
+    fill_gaps(buckets)
+}
+
+/// λ, μ, ρ (see the module documentation).
+fn queueing(
+    info: &RunInfo,
+    client: &ClientSide<'_>,
+    sim: &SimulatorSide<'_>,
+    peak_delivered_per_s: u64,
+) -> Queueing {
+    let load_window_s = ms(info.load_start_us, info.load_end_us) / 1000.0;
+    let busy_s = union_us(sim.busy.clone()) as f64 / 1e6;
+    let served = sim.processing.len() as u64;
+    let lambda_per_s = (load_window_s > 0.0).then(|| client.lambda_count as f64 / load_window_s);
+    let mu_per_s = (busy_s > 0.0).then(|| served as f64 / busy_s);
+    let rho = match (lambda_per_s, mu_per_s) {
+        (Some(l), Some(m)) => Some(l / m),
+        _ => None,
+    };
+    Queueing {
+        lambda_per_s,
+        mu_per_s,
+        rho,
+        load_window_s,
+        busy_s,
+        served,
+        peak_delivered_per_s,
+    }
+}
+
+/// `(drain_s, drain_observed_s)`: from `run.json`'s `drained_us` when it has the key, and
+/// from the ledgers.
+fn drain(info: &RunInfo, has_drained: bool, client: &ClientSide<'_>) -> (Option<f64>, Option<f64>) {
+    let observed = if client.lost == 0 && !client.acked.is_empty() {
+        client
+            .last_first_arrival
+            .map(|last| (ms(info.load_end_us, last) / 1000.0).max(0.0))
+    } else {
+        None
+    };
+    let drain_s = if has_drained {
+        info.drained_us
+            .map(|d| (ms(info.load_end_us, d) / 1000.0).max(0.0))
+    } else {
+        observed
+    };
+    (drain_s, observed)
 }
 
 /// The (possibly new, empty) bucket of second `t_s`.

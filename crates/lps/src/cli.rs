@@ -183,6 +183,10 @@ pub enum Command {
     Fault(FaultArgs),
     /// Analyze run folders (one per topology) into summary.json, CSV files and report.html.
     Analyze(AnalyzeArgs),
+    /// Run upstream's experiment matrix ({legacy, NG} × {failover, steps} × {faults, none}
+    /// × {netem, none}; NG under netem with windows 1 and 32) and write one report that
+    /// puts each of upstream's findings next to ours.
+    Reproduce(ReproduceArgs),
     /// Measure every hop next to its ceiling (throughput, latency, CPU, memory); writes
     /// bench.json and prints a table.
     Bench(BenchArgs),
@@ -308,6 +312,21 @@ pub struct FaultArgs {
     #[arg(long)]
     graceful: bool,
     /// Folder for faults.jsonl in compose mode (default runs/<timestamp>-faults).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The arguments of `lps reproduce`.
+#[derive(Debug, Args)]
+pub struct ReproduceArgs {
+    /// The CI scale: the whole matrix in about three minutes (default: about 15 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// NG broker: auto, mosquitto, embedded or mqtt://HOST:PORT.
+    #[arg(long, default_value = "auto")]
+    broker: BrokerChoice,
+    /// Output folder: one run folder per experiment and the report (default
+    /// runs/<timestamp>-reproduce).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -553,6 +572,7 @@ pub fn experiment(args: ExperimentArgs) -> ExitCode {
             scale: faults.scale,
             graceful: faults.graceful,
             drain_timeout: faults.drain_timeout,
+            bridge_window: None,
             out: out.unwrap_or_else(|| crate::up::default_run_dir(&topology.to_string())),
         };
         let dir = crate::experiment::run(&experiment, &stop).await?;
@@ -569,6 +589,25 @@ pub fn experiment(args: ExperimentArgs) -> ExitCode {
         .await?;
         println!("{}", crate::analyze::table(&summaries));
         println!("report: {}", dir.join("report.html").display());
+        Ok(())
+    })
+}
+
+/// `lps reproduce`: upstream's experiment matrix and the findings report.
+pub fn reproduce(args: ReproduceArgs) -> ExitCode {
+    block_on_stoppable(|stop| async move {
+        let reproduce = crate::reproduce::Reproduce {
+            scale: if args.quick {
+                crate::reproduce::Scale::quick()
+            } else {
+                crate::reproduce::Scale::full()
+            },
+            broker: args.broker,
+            out: args
+                .out
+                .unwrap_or_else(|| crate::up::default_run_dir("reproduce")),
+        };
+        crate::reproduce::run(&reproduce, &stop).await?;
         Ok(())
     })
 }
@@ -605,6 +644,7 @@ pub fn demo(args: DemoArgs) -> ExitCode {
             scale,
             graceful,
             drain_timeout: Duration::from_secs(60),
+            bridge_window: None,
             out: out.clone(),
         };
         crate::experiment::demo(&template, &out, &stop).await?;

@@ -39,13 +39,13 @@ use anyhow::Context;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::BrokerChoice;
 use crate::compose::Compose;
 use crate::faults::{self, Schedule, Target};
 use crate::load::{self, LoadConfig, Shape};
 use crate::records::{self, BridgeSample, ClientRecord, FinalStatus, RequestKind, RunInfo};
 use crate::supervisor::{Signal, Supervisor, local_client};
 use crate::topology::{self, Broker, Options, Program, ServiceSpec, Topology};
-use crate::{BrokerChoice, start};
 
 /// Where the topology of an experiment runs.
 #[derive(Debug, Clone)]
@@ -95,6 +95,9 @@ pub struct Experiment {
     pub graceful: bool,
     /// How long to wait for the backlog to drain after the load.
     pub drain_timeout: Duration,
+    /// legacy-proxy-2's in-flight window (`MQTT_RECEIVE_MAXIMUM`) on the local platform;
+    /// `None`: the service's default (32).
+    pub bridge_window: Option<u16>,
     /// The run folder.
     pub out: PathBuf,
 }
@@ -267,14 +270,24 @@ async fn deploy_local(
     dir: &Path,
     stop: &CancellationToken,
 ) -> anyhow::Result<Deployed> {
-    let supervisor = start(
+    let mut specs = crate::up::plan(
         experiment.topology,
         &experiment.options,
         &experiment.broker,
         dir,
-        stop,
-    )
-    .await?;
+    )?;
+    if let Some(window) = experiment.bridge_window {
+        for spec in specs
+            .iter_mut()
+            .filter(|s| s.program == Program::LegacyProxy2)
+        {
+            spec.env.push((
+                lps_common::config::ENV_MQTT_RECEIVE_MAXIMUM.to_owned(),
+                window.to_string(),
+            ));
+        }
+    }
+    let supervisor = crate::up::launch(specs, dir, stop).await?;
     let endpoints = Endpoints::of(supervisor.running().iter().map(|r| &r.spec))?;
     let broker = supervisor
         .running()
@@ -356,14 +369,11 @@ fn netem_probe_verdict(success: bool, stderr: &str) -> Option<String> {
     None
 }
 
-async fn deploy_compose(
-    topology: Topology,
-    setup: &ComposeSetup,
-    dir: &Path,
-    stop: &CancellationToken,
-) -> anyhow::Result<Deployed> {
+/// `setup` with the run's logs folder (`LPS_LOGS`, created here, not by the engine, which
+/// would make it root's) and this user as `LPS_UID`/`LPS_GID` unless the caller chose;
+/// returns the logs folder too.
+fn with_run_logs(setup: &ComposeSetup, dir: &Path) -> anyhow::Result<(ComposeSetup, PathBuf)> {
     let logs = dir.join("logs");
-    // Created here, not by the engine (which would make it root's).
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let logs =
         std::fs::canonicalize(&logs).with_context(|| format!("resolving {}", logs.display()))?;
@@ -371,8 +381,7 @@ async fn deploy_compose(
     setup.compose = setup
         .compose
         .with_env("LPS_LOGS", logs.display().to_string());
-    // The containers write the logs folder as LPS_UID:LPS_GID (default 1000): this user,
-    // unless the caller chose.
+    // The containers write the logs folder as LPS_UID:LPS_GID (default 1000).
     for (key, id) in [
         ("LPS_UID", nix::unistd::getuid().as_raw()),
         ("LPS_GID", nix::unistd::getgid().as_raw()),
@@ -381,9 +390,17 @@ async fn deploy_compose(
             setup.compose = setup.compose.with_env(key, id.to_string());
         }
     }
-    let compose = &setup.compose;
+    Ok((setup, logs))
+}
+
+/// Refuses a compose file that lacks a service of `topology`, or asks for network
+/// emulation this machine cannot do.
+async fn check_compose(
+    compose: &Compose,
+    topology: Topology,
+    endpoints: &Endpoints,
+) -> anyhow::Result<()> {
     compose.check().await?;
-    let mut endpoints = Endpoints::compose(topology);
     let declared = compose.services().await?;
     let missing: Vec<&String> = endpoints
         .names
@@ -406,6 +423,19 @@ async fn deploy_compose(
             compose.files_display()
         );
     }
+    Ok(())
+}
+
+async fn deploy_compose(
+    topology: Topology,
+    setup: &ComposeSetup,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<Deployed> {
+    let (setup, logs) = with_run_logs(setup, dir)?;
+    let compose = &setup.compose;
+    let mut endpoints = Endpoints::compose(topology);
+    check_compose(compose, topology, &endpoints).await?;
     let target = Deployment::Compose(setup.clone());
     let ready = async {
         if setup.clean {

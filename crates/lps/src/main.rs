@@ -20,5 +20,6 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench(args),
         Command::DeadLetters(args) => cli::dead_letters(args),
         Command::Analyze(args) => cli::analyze(args),
+        Command::Reproduce(args) => cli::reproduce(args),
     }
 }

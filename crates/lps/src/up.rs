@@ -43,7 +43,7 @@ pub async fn start(
 
 /// The services of `topology` with `broker`, in start order (writes the Mosquitto
 /// configuration of the run).
-fn plan(
+pub(crate) fn plan(
     topology: Topology,
     options: &Options,
     broker: &BrokerChoice,
@@ -60,7 +60,7 @@ fn plan(
 }
 
 /// Starts `specs` in order, each once healthy; see [`start`].
-async fn launch(
+pub(crate) async fn launch(
     specs: Vec<ServiceSpec>,
     dir: &std::path::Path,
     stop: &CancellationToken,

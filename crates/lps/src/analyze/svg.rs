@@ -278,6 +278,10 @@ fn legend(out: &mut String, entries: &[(&str, &str)], bottom: bool) {
 
 impl Chart {
     /// The chart as an `<svg id="…">` element.
+    ///
+    /// Longer than most (~85 lines) on purpose: it draws in paint order (frame, grid, axes,
+    /// series, markers, legend) with the two scales it computes first; pieces of it would
+    /// only pass those scales around.
     pub(crate) fn render(&self, id: &str) -> String {
         let xs = self
             .series

@@ -544,3 +544,59 @@ fn report_has_summary_csv_and_every_plot() {
         "{text}"
     );
 }
+
+#[test]
+fn two_runs_get_a_difference_table_with_the_better_value_marked() {
+    let tmp = TempDir::new().unwrap();
+    let client = [
+        alarm("a", T0, Some(T0 + 10 * MS), 1),
+        alarm("b", T0 + SEC, Some(T0 + SEC + 10 * MS), 1),
+    ];
+    let lossy = write_run(
+        tmp.path(),
+        "lossy",
+        &info("legacy", 2),
+        &client,
+        &[arrival("a", T0 + MS, T0 + 5 * MS)],
+    );
+    let whole = write_run(
+        tmp.path(),
+        "whole",
+        &info("ng", 2),
+        &client,
+        &[
+            arrival("a", T0 + MS, T0 + 5 * MS),
+            arrival("b", T0 + SEC + MS, T0 + SEC + 5 * MS),
+        ],
+    );
+    let out = tmp.path().join("out");
+    write_report(&[lossy, whole], &out).unwrap();
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let table = &html[html.find("id=\"comparison\"").expect("a difference table")..];
+    let lost_row = &table[table.find("<td>lost</td>").unwrap()..];
+    let lost_row = &lost_row[..lost_row.find("</tr>").unwrap()];
+    assert_eq!(
+        lost_row,
+        "<td>lost</td><td>1.0</td><td class=\"better\">0.0</td><td>-1.0</td>"
+    );
+    // Every figure says what it shows, under it.
+    let figures: Vec<&str> = html.split("<figure").skip(1).collect();
+    assert_eq!(figures.len(), 4);
+    for figure in figures {
+        let figure = &figure[..figure.find("</figure>").unwrap()];
+        assert!(figure.contains("<p class=\"note\">"), "{figure}");
+    }
+
+    // The .hgrm and throughput files agree with the summary.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let hgrm = std::fs::read_to_string(out.join("e2e_ng.hgrm")).unwrap();
+    assert!(hgrm.contains("Total count    =            2"), "{hgrm}");
+    assert_eq!(summary["ng"]["e2e_latency_ms"]["count"], 2);
+    let throughput = std::fs::read_to_string(out.join("throughput_ng.csv")).unwrap();
+    assert_eq!(
+        throughput.lines().next(),
+        Some("t_s,sent,acknowledged,delivered")
+    );
+    assert_eq!(throughput.lines().count(), 3, "{throughput}");
+}

@@ -12,5 +12,6 @@ mod load;
 mod locust;
 mod monitoring;
 mod netem;
+mod reproduce;
 mod support;
 mod up;
