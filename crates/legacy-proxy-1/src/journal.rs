@@ -106,46 +106,12 @@ impl Journal {
         window: Duration,
         limits: Limits,
     ) -> io::Result<(Self, Vec<Vec<u8>>)> {
-        if name.is_empty() || name.contains(['/', '\\', '\0']) {
-            return Err(invalid(format!(
-                "journal name {name:?}: expected a non-empty file name without path separators"
-            )));
-        }
-        if window.is_zero() || limits.queue == 0 {
-            return Err(invalid(format!(
-                "journal {name}: window {window:?} and queue {} must be positive",
-                limits.queue
-            )));
-        }
+        check_arguments(name, window, limits)?;
         fs::create_dir_all(dir)?;
         let old_segments = list_segments(dir, name)?;
-        let mut records = Vec::new();
-        for (_, path) in &old_segments {
-            let data = fs::read(path)?;
-            let ignored = decode(&data, &mut records);
-            if ignored > 0 {
-                warn!(
-                    file = %path.display(),
-                    ignored_bytes = ignored,
-                    "journal segment ends in a torn or corrupt record; ignored the rest"
-                );
-            }
-        }
-        let newest = records.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
-        let cutoff = newest.saturating_sub(millis(window));
+        let records = read_segments(&old_segments)?;
         let found = records.len();
-        let replay: Vec<Vec<u8>> = records
-            .into_iter()
-            .filter(|(ts, _)| *ts >= cutoff)
-            .map(|(_, payload)| payload)
-            .collect();
-        if newest > unix_millis().saturating_add(millis(window)) {
-            warn!(
-                newest_ms = newest,
-                "journal records are stamped in the future (clock stepped back?); \
-                 new records keep the newest stamp until the clock catches up"
-            );
-        }
+        let (newest, replay) = replay_window(records, window);
 
         let counters = Arc::new(Counters::default());
         let mut writer = Writer {
@@ -335,6 +301,60 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Refuses a journal `name` that is not a plain file name, and a zero window or queue.
+fn check_arguments(name: &str, window: Duration, limits: Limits) -> io::Result<()> {
+    if name.is_empty() || name.contains(['/', '\\', '\0']) {
+        return Err(invalid(format!(
+            "journal name {name:?}: expected a non-empty file name without path separators"
+        )));
+    }
+    if window.is_zero() || limits.queue == 0 {
+        return Err(invalid(format!(
+            "journal {name}: window {window:?} and queue {} must be positive",
+            limits.queue
+        )));
+    }
+    Ok(())
+}
+
+/// Every record of `segments` (oldest first), up to the first torn or corrupt one of each
+/// (logged).
+fn read_segments(segments: &[(u64, PathBuf)]) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut records = Vec::new();
+    for (_, path) in segments {
+        let data = fs::read(path)?;
+        let ignored = decode(&data, &mut records);
+        if ignored > 0 {
+            warn!(
+                file = %path.display(),
+                ignored_bytes = ignored,
+                "journal segment ends in a torn or corrupt record; ignored the rest"
+            );
+        }
+    }
+    Ok(records)
+}
+
+/// The newest stamp of `records` (0 for none) and the payloads stamped within `window` of
+/// it, oldest first; warns when that stamp lies in the future.
+fn replay_window(records: Vec<(u64, Vec<u8>)>, window: Duration) -> (u64, Vec<Vec<u8>>) {
+    let newest = records.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
+    let cutoff = newest.saturating_sub(millis(window));
+    let replay: Vec<Vec<u8>> = records
+        .into_iter()
+        .filter(|(ts, _)| *ts >= cutoff)
+        .map(|(_, payload)| payload)
+        .collect();
+    if newest > unix_millis().saturating_add(millis(window)) {
+        warn!(
+            newest_ms = newest,
+            "journal records are stamped in the future (clock stepped back?); \
+             new records keep the newest stamp until the clock catches up"
+        );
+    }
+    (newest, replay)
 }
 
 fn segment_path(dir: &Path, name: &str, seq: u64) -> PathBuf {

@@ -27,6 +27,7 @@ pub mod dead_letters;
 pub mod dns;
 pub mod metrics;
 pub mod mqtt;
+pub mod net;
 pub mod poll;
 pub mod request_id;
 pub mod server;

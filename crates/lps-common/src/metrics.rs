@@ -78,7 +78,10 @@ impl HttpMetrics {
     }
 }
 
-fn version_label(version: Version) -> &'static str {
+/// The `version` label of a request: `HTTP/1.0`, `HTTP/1.1`, `HTTP/2.0` (and `HTTP/0.9`,
+/// `HTTP/3.0`, `other`, which the servers here never see). The rast-simulator's ledger
+/// writes the same text in its `proto` column.
+pub fn version_label(version: Version) -> &'static str {
     match version {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",

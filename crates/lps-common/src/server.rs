@@ -42,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -204,60 +204,15 @@ pub async fn serve_with_limits(
     grace: Duration,
     limits: Limits,
 ) -> io::Result<()> {
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .keep_alive(true)
-        .pipeline_flush(true)
-        // A connection's read buffer grows up to this while a large body streams in
-        // (hyper's default is ~400 KiB, per connection); request heads fit easily.
-        .max_buf_size(MAX_READ_BUFFER)
-        // The per-connection watchdog enforces the header and idle limits precisely; hyper's
-        // own timer (which also runs while a keep-alive connection waits for its next
-        // request) is only a backstop behind both.
-        .header_read_timeout(
-            limits
-                .header_read_timeout
-                .saturating_add(limits.idle_timeout),
-        );
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .keep_alive_interval(limits.h2_keepalive_interval)
-        .keep_alive_timeout(limits.h2_keepalive_timeout);
-    let shared = Arc::new(Shared {
-        h1,
-        h2,
-        app,
-        protocols,
-        limits,
-        epoch: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new(app, protocols, limits));
     let local = listener.local_addr()?;
     info!(addr = %local, ?protocols, max_connections = limits.max_connections, "listening");
-    let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
-    let mut warned_full: Option<Instant> = None;
+    let mut slots = Slots::new(limits.max_connections);
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                // Rate-limited: under a flood this would otherwise log per connection.
-                if warned_full.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    warn!(
-                        max_connections = limits.max_connections,
-                        "connection limit reached; new connections wait in the backlog"
-                    );
-                    warned_full = Some(Instant::now());
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                }
-            }
+        let Some(slot) = slots.acquire(&shutdown).await else {
+            break;
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -283,6 +238,55 @@ pub async fn serve_with_limits(
         });
     }
     drop(listener);
+    drain(&tracker, grace, &hard_stop).await;
+    Ok(())
+}
+
+/// The `MAX_CONNECTIONS` connection slots of a server: one is held for the life of each
+/// connection.
+struct Slots {
+    slots: Arc<Semaphore>,
+    max_connections: u32,
+    /// When the last "limit reached" warning was logged.
+    warned_full: Option<Instant>,
+}
+
+impl Slots {
+    fn new(max_connections: u32) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_connections as usize)),
+            max_connections,
+            warned_full: None,
+        }
+    }
+
+    /// A free slot, waiting (and warning) while all are taken; `None` once `shutdown`
+    /// fires during that wait.
+    async fn acquire(&mut self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        // Rate-limited: under a flood this would otherwise log per connection.
+        if self
+            .warned_full
+            .is_none_or(|at| at.elapsed() > Duration::from_secs(10))
+        {
+            warn!(
+                max_connections = self.max_connections,
+                "connection limit reached; new connections wait in the backlog"
+            );
+            self.warned_full = Some(Instant::now());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => None,
+            slot = self.slots.clone().acquire_owned() => slot.ok(),
+        }
+    }
+}
+
+/// After accepting stopped: lets the connections of `tracker` finish within `grace`, then
+/// fires `hard_stop` to close the rest and waits for them.
+async fn drain(tracker: &TaskTracker, grace: Duration, hard_stop: &CancellationToken) {
     info!(
         grace_ms = grace.as_millis() as u64,
         "stopped accepting; draining connections"
@@ -300,7 +304,6 @@ pub async fn serve_with_limits(
             tracker.wait().await;
         }
     }
-    Ok(())
 }
 
 /// What every connection task of one server shares.
@@ -314,6 +317,38 @@ struct Shared {
 }
 
 impl Shared {
+    /// The HTTP/1.1 and h2 settings of `limits`, and what the connections share.
+    fn new(app: Router, protocols: Protocols, limits: Limits) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .pipeline_flush(true)
+            // A connection's read buffer grows up to this while a large body streams in
+            // (hyper's default is ~400 KiB, per connection); request heads fit easily.
+            .max_buf_size(MAX_READ_BUFFER)
+            // The per-connection watchdog enforces the header and idle limits precisely;
+            // hyper's own timer (which also runs while a keep-alive connection waits for its
+            // next request) is only a backstop behind both.
+            .header_read_timeout(
+                limits
+                    .header_read_timeout
+                    .saturating_add(limits.idle_timeout),
+            );
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .keep_alive_interval(limits.h2_keepalive_interval)
+            .keep_alive_timeout(limits.h2_keepalive_timeout);
+        Self {
+            h1,
+            h2,
+            app,
+            protocols,
+            limits,
+            epoch: Instant::now(),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -345,6 +380,8 @@ async fn read_preface(
     }
 }
 
+/// Serves one accepted connection: tells HTTP/1.1 from h2c, then drives it under its
+/// watchdog until it ends, `shutdown` (graceful) or `hard_stop`.
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -352,29 +389,10 @@ async fn connection(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    let limits = shared.limits;
-    let detected = tokio::select! {
-        () = shutdown.cancelled() => return,
-        read = tokio::time::timeout(
-            limits.first_bytes_timeout,
-            read_preface(&mut stream, &shared),
-        ) => read,
-    };
-    let (prefix, h2, first_byte_ms) = match detected {
-        Ok(Ok(Some(found))) => found,
-        Ok(Ok(None)) => return,
-        Ok(Err(error)) => {
-            debug!(%peer, %error, "connection failed before its first request");
-            return;
-        }
-        Err(_) => {
-            debug!(
-                %peer,
-                limit_ms = limits.first_bytes_timeout.as_millis() as u64,
-                "closing a connection that sent no request in time"
-            );
-            return;
-        }
+    let Some((prefix, h2, first_byte_ms)) =
+        detect_protocol(&mut stream, peer, &shared, &shutdown).await
+    else {
+        return;
     };
     let h2 = h2 && shared.protocols == Protocols::Http1AndH2c;
     let now = shared.now_ms();
@@ -395,23 +413,7 @@ async fn connection(
         let state = state.clone();
         let shared = shared.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let guard = InFlight::start(state.clone(), shared.clone());
-            let limits = shared.limits;
-            let (mut parts, body) = request.into_parts();
-            parts.extensions.insert(limits);
-            let request =
-                Request::from_parts(parts, TimedBody::new(body, limits.body_read_timeout));
-            let response = shared.app.clone().oneshot(request);
-            async move {
-                let response = match response.await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                };
-                Ok::<_, Infallible>(response.map(|body| Guarded {
-                    inner: body,
-                    _guard: guard,
-                }))
-            }
+            respond(request, state.clone(), shared.clone())
         })
     };
     let watch = Watch {
@@ -430,6 +432,66 @@ async fn connection(
         watch
             .drive(conn, |c| c.graceful_shutdown(), &shutdown, &hard_stop)
             .await;
+    }
+}
+
+/// [`read_preface`] within `FIRST_BYTES_TIMEOUT_MS`: the bytes read, whether they are the
+/// h2 preface, and when the first arrived. `None` when the peer closed, failed or stayed
+/// silent first (logged at `debug`), or `shutdown` fired.
+async fn detect_protocol(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<(BytesMut, bool, u64)> {
+    let limits = shared.limits;
+    let detected = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        read = tokio::time::timeout(
+            limits.first_bytes_timeout,
+            read_preface(stream, shared),
+        ) => read,
+    };
+    match detected {
+        Ok(Ok(Some(found))) => Some(found),
+        Ok(Ok(None)) => None,
+        Ok(Err(error)) => {
+            debug!(%peer, %error, "connection failed before its first request");
+            None
+        }
+        Err(_) => {
+            debug!(
+                %peer,
+                limit_ms = limits.first_bytes_timeout.as_millis() as u64,
+                "closing a connection that sent no request in time"
+            );
+            None
+        }
+    }
+}
+
+/// Hands one request to the app: counted in flight from now until its answer is sent,
+/// with the [`Limits`] in its extensions and its body under `BODY_READ_TIMEOUT_MS`.
+fn respond(
+    request: Request<Incoming>,
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+) -> impl Future<Output = Result<http::Response<Guarded<axum::body::Body>>, Infallible>> {
+    let guard = InFlight::start(state, shared.clone());
+    let limits = shared.limits;
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(limits);
+    let request = Request::from_parts(parts, TimedBody::new(body, limits.body_read_timeout));
+    let response = shared.app.clone().oneshot(request);
+    async move {
+        let response = match response.await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        Ok::<_, Infallible>(response.map(|body| Guarded {
+            inner: body,
+            _guard: guard,
+        }))
     }
 }
 

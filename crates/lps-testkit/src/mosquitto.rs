@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lps_common::config::{ENV_MQTT_HOST, ENV_MQTT_PORT};
+use lps_common::net::free_port;
 use tokio::process::{Child, Command};
 
 /// A Mosquitto process; killed when dropped.
@@ -183,12 +184,4 @@ fn passwd_binary() -> PathBuf {
 
 fn repo_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mosquitto/mosquitto.conf")
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }

@@ -43,6 +43,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::BrokerChoice;
+use crate::quantile::p50_p99_max_ms;
 use crate::signals::interruption;
 use crate::supervisor::Supervisor;
 use crate::topology::{Health, Program, ServiceSpec};
@@ -225,7 +226,7 @@ impl From<&LoadResult> for Outcome {
             ok: result.ok,
             errors: result.errors,
             first_error: result.first_error.clone(),
-            latency_ms: [0.5, 0.99, 1.0].map(|q| result.quantile_ms(q)),
+            latency_ms: p50_p99_max_ms(&result.latencies_us),
         }
     }
 }

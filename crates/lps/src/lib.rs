@@ -21,6 +21,7 @@ pub mod faults;
 pub mod load;
 pub mod netem;
 pub mod records;
+pub mod quantile;
 pub mod reproduce;
 pub mod signals;
 pub mod stale;

@@ -186,16 +186,7 @@ pub struct LoadReport {
 impl LoadReport {
     /// The `q` quantile (0..=1) of the response times, ms.
     pub fn quantile(&self, q: f64) -> f64 {
-        if self.response_ms.is_empty() {
-            return 0.0;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
-        let i = ((self.response_ms.len() - 1) as f64 * q).round() as usize;
-        self.response_ms[i]
+        crate::quantile::quantile(&self.response_ms, q).unwrap_or(0.0)
     }
 
     /// The final table.

@@ -24,9 +24,10 @@
 //! The entry keeps its port: ars-comp-1 moves to a port of its own and the relay takes
 //! its place, so clients, `lps load` and the printed URLs do not change.
 
+use lps_common::net::free_port;
 use lps_netem::Profile;
 
-use crate::topology::{Health, Program, ServiceSpec, free_port};
+use crate::topology::{Health, Program, ServiceSpec};
 
 /// Whether upstream shaped this program's container.
 fn shaped(program: Program) -> bool {

@@ -18,6 +18,7 @@ use lps_common::config::{
     ENV_BROKER_DATA, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC, ENV_PROXY_ALLOWED_PORTS,
     ENV_PROXY_PORT, ENV_TARGET_URL, ENV_USE_HTTP_2, ENV_WS_ENABLED,
 };
+use lps_common::net::free_port;
 use lps_common::wire::{HEALTHZ_PATH, READYZ_PATH};
 
 /// Which topology to run.
@@ -377,13 +378,6 @@ fn edge(
         false,
         Health::Http(HEALTHZ_PATH),
     )
-}
-
-/// A port that was free a moment ago (the system's pick for port 0).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(0, |a| a.port())
 }
 
 #[cfg(test)]

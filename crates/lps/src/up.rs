@@ -125,23 +125,9 @@ fn write_services(dir: &std::path::Path, supervisor: &Supervisor) -> anyhow::Res
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// `lps up`: start, print the entry URLs, wait for `stop` (Ctrl-C, SIGTERM, SIGHUP), stop.
-/// Ports still held by services an earlier `lps up` left behind are named, or freed first
-/// with `replace` (see [`stale`]).
-pub async fn up(
-    topology: Topology,
-    options: Options,
-    broker: BrokerChoice,
-    out: Option<PathBuf>,
-    replace: bool,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let dir = run_dir(out, topology)?;
-    let specs = plan(topology, &options, &broker, &dir)?;
-    let ports: Vec<u16> = specs.iter().map(|s| s.port).collect();
-    signals::or_interrupted(&stop, stale::make_room(&ports, replace)).await?;
-    let supervisor = launch(specs, &dir, &stop).await?;
-    write_services(&dir, &supervisor)?;
+/// What `lps up` prints once the topology runs: each service and its URL, the edge's
+/// endpoints, a request to try, how to inject faults and how to stop.
+fn print_welcome(topology: Topology, supervisor: &Supervisor, dir: &std::path::Path) {
     println!(
         "{topology} topology is up; logs in {}",
         supervisor.logs().display()
@@ -184,14 +170,34 @@ pub async fn up(
             ars_comp_1::SIMPLE_PATH
         );
     }
-    let socket = dir.join(CONTROL_SOCKET);
     println!(
         "faults: lps fault --run {} --faults chain --scale 0.2",
         dir.display()
     );
     println!("press Ctrl-C to stop");
+}
+
+/// `lps up`: start, print the entry URLs, wait for `stop` (Ctrl-C, SIGTERM, SIGHUP), stop.
+/// Ports still held by services an earlier `lps up` left behind are named, or freed first
+/// with `replace` (see [`stale`]).
+pub async fn up(
+    topology: Topology,
+    options: Options,
+    broker: BrokerChoice,
+    out: Option<PathBuf>,
+    replace: bool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = run_dir(out, topology)?;
+    let specs = plan(topology, &options, &broker, &dir)?;
+    let ports: Vec<u16> = specs.iter().map(|s| s.port).collect();
+    signals::or_interrupted(&stop, stale::make_room(&ports, replace)).await?;
+    let supervisor = launch(specs, &dir, &stop).await?;
+    write_services(&dir, &supervisor)?;
+    print_welcome(topology, &supervisor, &dir);
     let logs = supervisor.logs().to_owned();
     let supervisor = std::sync::Arc::new(tokio::sync::Mutex::new(supervisor));
+    let socket = dir.join(CONTROL_SOCKET);
     let control = tokio::spawn(control::serve(socket, supervisor.clone(), stop.clone()));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {

@@ -36,6 +36,7 @@ use lps_common::config::{
     ConfigError, ENV_LOG_DIR, ENV_SIM_CORR_MAX, ENV_SIM_MODEL, ENV_SIM_SERVICE_MS, ENV_SIM_WORKERS,
     Env, Lookup, ServerConfig,
 };
+use lps_common::metrics::version_label;
 use lps_common::request_id::REQUEST_ID;
 use lps_common::server::{Protocols, shutdown_on_signals};
 use lps_common::telemetry::TelemetryConfig;
@@ -282,14 +283,6 @@ thread_local! {
 
 fn thread_name() -> Arc<str> {
     THREAD_NAME.with(Arc::clone)
-}
-
-fn version_label(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_2 => "HTTP/2.0",
-        _ => "HTTP/1.1",
-    }
 }
 
 /// Records an arrival in the ledger when dropped before [`Pending::finish`]: the client

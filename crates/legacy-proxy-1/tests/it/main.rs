@@ -16,8 +16,9 @@ use lps_common::config::{
     ENV_SERVICE_NAME, ENV_SHUTDOWN_GRACE_SECS, ENV_SUBSCRIBER_PROBE, ENV_TARGET_URL,
 };
 use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
+use lps_common::net::free_port;
 use lps_common::wire::READYZ_PATH;
-use lps_testkit::mosquitto::{Mosquitto, free_port};
+use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
 
 const PATH: &str = lps_common::wire::STORE_PATH;

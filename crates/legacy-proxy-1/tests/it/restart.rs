@@ -13,8 +13,9 @@ use lps_common::config::{
     ENV_SHUTDOWN_GRACE_SECS, ENV_TARGET_URL,
 };
 use lps_common::mqtt::mqtt5::{Message, MqttClient, QoS, SubscribeOptions};
+use lps_common::net::free_port;
 use lps_common::wire::{PROBE_PROPERTY, READYZ_PATH};
-use lps_testkit::mosquitto::{Mosquitto, free_port};
+use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{ChildService, Recorder, TestServer, http1_client, wait_ready};
 
 const PATH: &str = lps_common::wire::STORE_PATH;

@@ -148,7 +148,7 @@ pub async fn collect(
     MqttClient,
     Arc<std::sync::Mutex<Vec<lps_common::mqtt::mqtt5::Message>>>,
 ) {
-    let client = MqttClient::new(format!("collector-{}", lps_testkit::mosquitto::free_port()));
+    let client = MqttClient::new(format!("collector-{}", lps_common::net::free_port()));
     client
         .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
         .await
@@ -173,7 +173,7 @@ pub async fn collect(
 
 /// A raw MQTT publisher.
 pub async fn publisher(broker: &dyn Broker) -> MqttClient {
-    let client = MqttClient::new(format!("publisher-{}", lps_testkit::mosquitto::free_port()));
+    let client = MqttClient::new(format!("publisher-{}", lps_common::net::free_port()));
     client
         .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
         .await

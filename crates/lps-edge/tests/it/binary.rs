@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use lps_common::config::{ENV_MQTT_PORT, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_HOST, ENV_PROXY_PORT};
+use lps_common::net::free_port;
 use lps_common::wire::HEALTHZ_PATH;
 use lps_testkit::ChildService;
-use lps_testkit::mosquitto::free_port;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_lps-edge");
 

@@ -67,6 +67,66 @@ pub async fn run(spec: &BrokerSpec) -> anyhow::Result<BrokerResult> {
     let topic_root = format!("lps-bench/{run}");
     let measuring = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
+    let subscribers = subscribe(spec, &run, &topic_root, &measuring, &delivered).await?;
+    let mut publishers = Vec::new();
+    for i in 0..spec.publishers {
+        publishers.push(client(&spec.address, format!("lps-bench-pub-{run}-{i}"), 65_535).await?);
+    }
+
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let failures = Arc::new(Failures::default());
+    let payload = vec![b'x'; spec.payload];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, publisher) in publishers.iter().enumerate() {
+        for _ in 0..spec.window {
+            let publishing = Publishing {
+                publisher: publisher.clone(),
+                topic: format!("{topic_root}/p{i}"),
+                payload: payload.clone(),
+                measure_from,
+                end,
+                failures: failures.clone(),
+            };
+            tasks.spawn(publishing.run());
+        }
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep_until(end.into()).await;
+    measuring.store(false, Ordering::Relaxed);
+    let mut result = BrokerResult {
+        delivered: delivered.load(Ordering::Relaxed),
+        elapsed: spec.duration,
+        ..BrokerResult::default()
+    };
+    for (published, latencies) in tasks.join_all().await {
+        result.published += published;
+        result.latencies_us.extend(latencies);
+    }
+    result.latencies_us.sort_unstable();
+    result.errors = failures.count.load(Ordering::Relaxed);
+    result.first_error = failures
+        .first
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    for client in publishers.iter().chain(&subscribers) {
+        let _ = client.disconnect().await;
+    }
+    Ok(result)
+}
+
+/// Connects `spec.subscribers` clients into one shared group on `topic_root/+`; each
+/// counts into `delivered` what arrives while `measuring`.
+async fn subscribe(
+    spec: &BrokerSpec,
+    run: &str,
+    topic_root: &str,
+    measuring: &Arc<AtomicBool>,
+    delivered: &Arc<AtomicU64>,
+) -> anyhow::Result<Vec<MqttClient>> {
     let mut subscribers = Vec::new();
     for i in 0..spec.subscribers {
         let client = client(
@@ -93,79 +153,62 @@ pub async fn run(spec: &BrokerSpec) -> anyhow::Result<BrokerResult> {
             .context("subscribing")?;
         subscribers.push(client);
     }
-    let mut publishers = Vec::new();
-    for i in 0..spec.publishers {
-        publishers.push(client(&spec.address, format!("lps-bench-pub-{run}-{i}"), 65_535).await?);
-    }
+    Ok(subscribers)
+}
 
-    let start = Instant::now();
-    let measure_from = start + spec.warmup;
-    let end = measure_from + spec.duration;
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let payload = vec![b'x'; spec.payload];
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, publisher) in publishers.iter().enumerate() {
-        for _ in 0..spec.window {
-            let (publisher, payload) = (publisher.clone(), payload.clone());
-            let topic = format!("{topic_root}/p{i}");
-            let (errors, first_error) = (errors.clone(), first_error.clone());
-            tasks.spawn(async move {
-                let mut latencies = Vec::new();
-                let mut published = 0u64;
-                while Instant::now() < end {
-                    let sent = Instant::now();
-                    let options = PublishOptions {
-                        qos: QoS::ExactlyOnce,
-                        ..PublishOptions::default()
-                    };
-                    let outcome = publisher
-                        .publish_with_options(topic.as_str(), payload.clone(), options)
-                        .await;
-                    match outcome {
-                        Ok(PublishResult::Sent(_)) => {
-                            let done = Instant::now();
-                            if sent >= measure_from && done <= end {
-                                published += 1;
-                                let us = done.duration_since(sent).as_micros();
-                                latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
-                            }
-                        }
-                        other => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            first_error
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .get_or_insert_with(|| format!("{other:?}"));
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
+/// Publishes that failed in a run (all publishers together), and the first failure.
+#[derive(Default)]
+struct Failures {
+    count: AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+/// One slot of a publisher's window: QoS 2 publishes one after the other until `end`.
+struct Publishing {
+    publisher: MqttClient,
+    topic: String,
+    payload: Vec<u8>,
+    /// Publishes sent from here and complete by `end` are measured.
+    measure_from: Instant,
+    end: Instant,
+    failures: Arc<Failures>,
+}
+
+impl Publishing {
+    /// The measured publishes and their publish → PUBCOMP latencies, microseconds.
+    async fn run(self) -> (u64, Vec<u32>) {
+        let mut latencies = Vec::new();
+        let mut published = 0u64;
+        while Instant::now() < self.end {
+            let sent = Instant::now();
+            let options = PublishOptions {
+                qos: QoS::ExactlyOnce,
+                ..PublishOptions::default()
+            };
+            let outcome = self
+                .publisher
+                .publish_with_options(self.topic.as_str(), self.payload.clone(), options)
+                .await;
+            match outcome {
+                Ok(PublishResult::Sent(_)) => {
+                    let done = Instant::now();
+                    if sent >= self.measure_from && done <= self.end {
+                        published += 1;
+                        let us = done.duration_since(sent).as_micros();
+                        latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
                     }
                 }
-                (published, latencies)
-            });
+                other => {
+                    self.failures.count.fetch_add(1, Ordering::Relaxed);
+                    self.failures
+                        .first
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert_with(|| format!("{other:?}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
+        (published, latencies)
     }
-    tokio::time::sleep_until(measure_from.into()).await;
-    measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep_until(end.into()).await;
-    measuring.store(false, Ordering::Relaxed);
-    let mut result = BrokerResult {
-        delivered: delivered.load(Ordering::Relaxed),
-        elapsed: spec.duration,
-        ..BrokerResult::default()
-    };
-    for (published, latencies) in tasks.join_all().await {
-        result.published += published;
-        result.latencies_us.extend(latencies);
-    }
-    result.latencies_us.sort_unstable();
-    result.errors = errors.load(Ordering::Relaxed);
-    result.first_error = first_error
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    for client in publishers.iter().chain(&subscribers) {
-        let _ = client.disconnect().await;
-    }
-    Ok(result)
 }

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::generator::{self, LoadSpec, Mode, Protocol, Target};
+use super::generator::{LoadSpec, Mode, Protocol, Target};
 use super::procstat::{Watched, Window};
 use super::{
     BenchOptions, Figure, Hop, Key, Measured, Outcome, Report, Shape, alarm_body, broker, me,
     measure, micros, progress, seconds_after, small_body, stop_services, target, upstream, watched,
 };
 use crate::BrokerChoice;
+use crate::quantile::p50_p99_max_ms;
 use crate::records;
 use crate::signals::or_interrupted;
 use crate::supervisor::Supervisor;
@@ -230,7 +231,7 @@ async fn broker_ceiling(
         ok: result.delivered,
         errors: result.errors,
         first_error: result.first_error.clone(),
-        latency_ms: [0.5, 0.99, 1.0].map(|q| generator::quantile_ms(&result.latencies_us, q)),
+        latency_ms: p50_p99_max_ms(&result.latencies_us),
     };
     Ok(Figure::new(key, shape, outcome, measured).against(None, Some(upstream::BROKER)))
 }

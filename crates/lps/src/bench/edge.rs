@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lps_common::mqtt::mqtt5::{ConnectOptions, MqttClient, QoS};
+use lps_common::net::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -40,9 +41,10 @@ use super::{
     BenchOptions, Figure, Key, Measured, Outcome, Report, Shape, me, progress, size_name,
     stop_services,
 };
+use crate::quantile::p50_p99_max_ms;
 use crate::signals::or_interrupted;
 use crate::supervisor::Supervisor;
-use crate::topology::{Health, Program};
+use crate::topology::{Health, Program, ServiceSpec};
 
 /// Connections of seed 002's matrix (wrk and siege at 100).
 pub const CONNECTIONS: usize = 100;
@@ -114,48 +116,10 @@ pub(super) async fn run(
     let bodies: Vec<usize> = std::iter::once(SMALL)
         .chain(options.sizes.iter().copied())
         .collect();
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).with_context(|| format!("creating {}", www.display()))?;
-    for &bytes in &bodies {
-        let body: Vec<u8> = (0..bytes).map(|i| b'a' + (i % 26) as u8).collect();
-        std::fs::write(www.join(file_name(bytes)), body)?;
-    }
-    let (http_port, tls_port) = (crate::topology::free_port(), crate::topology::free_port());
+    write_bodies(&dir.join("www"), &bodies)?;
+    let (http_port, tls_port) = (free_port(), free_port());
     let (nginx, cert) = start_nginx(&dir, http_port, tls_port).await?;
-
-    // Mosquitto with the repository's configuration, and the edge in front of it.
-    let broker_port = crate::topology::free_port();
-    let broker_config = dir.join("broker").join("mosquitto.conf");
-    crate::broker::write_mosquitto_config(&broker_config, broker_port)?;
-    let mut broker = super::spec_of(
-        "mosquitto",
-        Program::Mosquitto,
-        broker_port,
-        Vec::new(),
-        vec!["-c".into(), broker_config.display().to_string()],
-    );
-    broker.health = Health::Tcp;
-    let (ws_port, proxy_port) = (crate::topology::free_port(), crate::topology::free_port());
-    let edge = super::spec_of(
-        "edge",
-        Program::LpsEdge,
-        ws_port,
-        [
-            (lps_common::config::ENV_MQTT_HOST, "127.0.0.1".to_owned()),
-            (lps_common::config::ENV_MQTT_PORT, broker_port.to_string()),
-            (lps_common::config::ENV_PROXY_PORT, proxy_port.to_string()),
-            (
-                lps_common::config::ENV_PROXY_ALLOWED_PORTS,
-                format!("{http_port},{tls_port}"),
-            ),
-            ("PROXY_AUTH", PROXY_USER.to_owned()),
-            ("LOG", "warn".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-        Vec::new(),
-    );
+    let ([broker, edge], ports) = broker_and_edge(&dir, http_port, tls_port)?;
     let mut supervisor = Supervisor::new(&dir)?;
     let started = or_interrupted(stop, async {
         supervisor.start(broker).await?;
@@ -166,15 +130,13 @@ pub(super) async fn run(
         stop_services(&mut supervisor, stop).await;
         return Err(e);
     }
-    let ws_url = format!("ws://127.0.0.1:{ws_port}/mqtt");
-    let proxy = format!("127.0.0.1:{proxy_port}");
     let stage = Stage {
         nginx,
         http_port,
         tls_port,
-        broker_port,
-        ws_url,
-        proxy,
+        broker_port: ports.broker,
+        ws_url: format!("ws://127.0.0.1:{}/mqtt", ports.ws),
+        proxy: format!("127.0.0.1:{}", ports.proxy),
         cert,
     };
     let services = || {
@@ -195,6 +157,73 @@ pub(super) async fn run(
     let mut nginx = stage.nginx;
     let _ = nginx.kill().await;
     result
+}
+
+/// Writes the file nginx serves for each of `bodies` into `www`.
+fn write_bodies(www: &Path, bodies: &[usize]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(www).with_context(|| format!("creating {}", www.display()))?;
+    for &bytes in bodies {
+        let body: Vec<u8> = (0..bytes).map(|i| b'a' + (i % 26) as u8).collect();
+        std::fs::write(www.join(file_name(bytes)), body)?;
+    }
+    Ok(())
+}
+
+/// Where the broker and the edge listen.
+struct EdgePorts {
+    broker: u16,
+    /// The edge's MQTT over WebSocket.
+    ws: u16,
+    /// The edge's forward proxy.
+    proxy: u16,
+}
+
+/// The specs of Mosquitto (the repository's configuration, written into `dir`) and of the
+/// edge in front of it, which may proxy to nginx's `http_port` and `tls_port` only; and
+/// their ports.
+fn broker_and_edge(
+    dir: &Path,
+    http_port: u16,
+    tls_port: u16,
+) -> anyhow::Result<([ServiceSpec; 2], EdgePorts)> {
+    let broker_port = free_port();
+    let broker_config = dir.join("broker").join("mosquitto.conf");
+    crate::broker::write_mosquitto_config(&broker_config, broker_port)?;
+    let mut broker = super::spec_of(
+        "mosquitto",
+        Program::Mosquitto,
+        broker_port,
+        Vec::new(),
+        vec!["-c".into(), broker_config.display().to_string()],
+    );
+    broker.health = Health::Tcp;
+    let (ws_port, proxy_port) = (free_port(), free_port());
+    let edge = super::spec_of(
+        "edge",
+        Program::LpsEdge,
+        ws_port,
+        [
+            (lps_common::config::ENV_MQTT_HOST, "127.0.0.1".to_owned()),
+            (lps_common::config::ENV_MQTT_PORT, broker_port.to_string()),
+            (lps_common::config::ENV_PROXY_PORT, proxy_port.to_string()),
+            (
+                lps_common::config::ENV_PROXY_ALLOWED_PORTS,
+                format!("{http_port},{tls_port}"),
+            ),
+            ("PROXY_AUTH", PROXY_USER.to_owned()),
+            ("LOG", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        Vec::new(),
+    );
+    let ports = EdgePorts {
+        broker: broker_port,
+        ws: ws_port,
+        proxy: proxy_port,
+    };
+    Ok(([broker, edge], ports))
 }
 
 /// Writes nginx's configuration and a fresh certificate into `dir` and starts it on
@@ -556,7 +585,7 @@ fn quantiles(latencies: &[Duration]) -> [f64; 3] {
         .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
         .collect();
     us.sort_unstable();
-    [0.5, 0.99, 1.0].map(|q| super::generator::quantile_ms(&us, q))
+    p50_p99_max_ms(&us)
 }
 
 /// One TLS load: [`CONNECTIONS`] workers, each making requests one after the other.
@@ -750,48 +779,21 @@ async fn mqtt_load(
     // as received by the same rule.
     let from_us = crate::records::now_us()
         + u64::try_from((measure_at - tokio::time::Instant::now()).as_micros()).unwrap_or(u64::MAX);
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
-    {
-        let latencies = latencies.clone();
-        subscriber
-            .subscribe(format!("{topic}/#"), move |message| {
-                let Some(sent) = message.payload.get(..8) else {
-                    return;
-                };
-                let sent = u64::from_be_bytes(sent.try_into().unwrap_or([0; 8]));
-                if sent >= from_us
-                    && let Ok(mut l) = latencies.lock()
-                {
-                    let now = crate::records::now_us();
-                    l.push(Duration::from_micros(now.saturating_sub(sent)));
-                }
-            })
-            .await
-            .context("subscribing")?;
-    }
+    let latencies = record_arrivals(&subscriber, &topic, from_us).await?;
     let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (c, client) in publishers.iter().cloned().enumerate() {
-        let (topic, sent) = (format!("{topic}/{c}"), sent.clone());
         let offset = interval.mul_f64(c as f64 / clients as f64);
-        tasks.spawn(async move {
-            let mut next = start + offset;
-            while next < end {
-                tokio::time::sleep_until(next).await;
-                let now = crate::records::now_us();
-                let mut payload = now.to_be_bytes().to_vec();
-                payload.resize(PAYLOAD, b'x');
-                client
-                    .publish_qos(topic.clone(), payload, QoS::AtMostOnce)
-                    .await
-                    .map_err(|e| format!("publish: {e}"))?;
-                if now >= from_us {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-                next += interval;
-            }
-            Ok::<(), String>(())
-        });
+        let publishing = RatePublishing {
+            client,
+            topic: format!("{topic}/{c}"),
+            first: start + offset,
+            end,
+            interval,
+            from_us,
+            sent: sent.clone(),
+        };
+        tasks.spawn(publishing.run());
     }
     tokio::time::sleep_until(measure_at).await;
     let window = Window::start(watched);
@@ -804,24 +806,90 @@ async fn mqtt_load(
     }
     let measured = Measured::of(&window);
     result.sent = sent.load(Ordering::Relaxed);
-    // Whatever is still on its way: until all arrived, nothing arrived for 1 s, or 10 s.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let count = || latencies.lock().map_or(0, |l| l.len() as u64);
-    let (mut last, mut grew) = (count(), Instant::now());
-    while last < result.sent && Instant::now() < deadline && grew.elapsed() < Duration::from_secs(1)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = count();
-        if now > last {
-            (last, grew) = (now, Instant::now());
-        }
-    }
+    await_stragglers(count, result.sent).await;
     for client in publishers.iter().chain(std::iter::once(&subscriber)) {
         let _ = client.disconnect().await;
     }
     result.latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     result.received = result.latencies.len() as u64;
     Ok((result, measured))
+}
+
+/// Subscribes `subscriber` to `topic/#`; the latencies of the messages sent from `from_us`
+/// on (µs since the epoch, the first 8 bytes of the payload) collect in the vector
+/// returned.
+async fn record_arrivals(
+    subscriber: &MqttClient,
+    topic: &str,
+    from_us: u64,
+) -> anyhow::Result<Arc<std::sync::Mutex<Vec<Duration>>>> {
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = latencies.clone();
+    subscriber
+        .subscribe(format!("{topic}/#"), move |message| {
+            let Some(sent) = message.payload.get(..8) else {
+                return;
+            };
+            let sent = u64::from_be_bytes(sent.try_into().unwrap_or([0; 8]));
+            if sent >= from_us
+                && let Ok(mut l) = recorded.lock()
+            {
+                let now = crate::records::now_us();
+                l.push(Duration::from_micros(now.saturating_sub(sent)));
+            }
+        })
+        .await
+        .context("subscribing")?;
+    Ok(latencies)
+}
+
+/// One MQTT client publishing every `interval` from `first` until `end`, QoS 0, the send
+/// time in the payload.
+struct RatePublishing {
+    client: MqttClient,
+    topic: String,
+    first: tokio::time::Instant,
+    end: tokio::time::Instant,
+    interval: Duration,
+    /// Messages sent from here on (µs since the epoch) are measured and count in `sent`.
+    from_us: u64,
+    sent: Arc<AtomicU64>,
+}
+
+impl RatePublishing {
+    async fn run(self) -> Result<(), String> {
+        let mut next = self.first;
+        while next < self.end {
+            tokio::time::sleep_until(next).await;
+            let now = crate::records::now_us();
+            let mut payload = now.to_be_bytes().to_vec();
+            payload.resize(PAYLOAD, b'x');
+            self.client
+                .publish_qos(self.topic.clone(), payload, QoS::AtMostOnce)
+                .await
+                .map_err(|e| format!("publish: {e}"))?;
+            if now >= self.from_us {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            next += self.interval;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for whatever is still on its way: until `count()` reaches `sent`, nothing arrived
+/// for 1 s, or 10 s passed.
+async fn await_stragglers(count: impl Fn() -> u64, sent: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut last, mut grew) = (count(), Instant::now());
+    while last < sent && Instant::now() < deadline && grew.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = count();
+        if now > last {
+            (last, grew) = (now, Instant::now());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -131,25 +131,6 @@ impl LoadResult {
         let ok = self.ok as f64;
         ok / self.elapsed.as_secs_f64()
     }
-
-    /// The `q` quantile of the latencies, milliseconds.
-    pub fn quantile_ms(&self, q: f64) -> f64 {
-        quantile_ms(&self.latencies_us, q)
-    }
-}
-
-/// The `q` quantile (0..=1) of sorted latencies in microseconds, in milliseconds.
-pub fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return 0.0;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let i = ((sorted_us.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-    f64::from(sorted_us[i]) / 1000.0
 }
 
 enum Sender {

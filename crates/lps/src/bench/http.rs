@@ -24,6 +24,7 @@ use super::{
     measure, nginx, progress, relay_body, small_body, spec_of, stop_services, target, upstream,
     watched,
 };
+use crate::quantile::p50_p99_max_ms;
 use crate::signals::or_interrupted;
 use crate::supervisor::Supervisor;
 use crate::topology::Program;
@@ -37,8 +38,8 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let dir = options.out.join("http");
     let mut supervisor = Supervisor::new(&dir)?;
-    let sim_port = crate::topology::free_port();
-    let relay_port = crate::topology::free_port();
+    let sim_port = lps_common::net::free_port();
+    let relay_port = lps_common::net::free_port();
     let max_body = options.sizes.iter().copied().max().unwrap_or(0) * 2 + (64 << 10);
     let held = held_connections(options, report);
     // Accepting beyond MAX_CONNECTIONS waits: the held connections must all be served.
@@ -106,7 +107,7 @@ async fn start_nginx(
     // Absolute: nginx resolves relative paths against its own prefix.
     let dir = std::path::absolute(dir.join("nginx"))?;
     std::fs::create_dir_all(&dir)?;
-    let port = crate::topology::free_port();
+    let port = lps_common::net::free_port();
     let config = nginx::relay_config(&dir, port, sim_port, max_body);
     let child = nginx::start(&dir, &config, &[port]).await?;
     let url = format!("http://127.0.0.1:{port}");
@@ -381,13 +382,12 @@ impl<'a> Hops<'a> {
             body_bytes: small_body().len(),
             mode: Mode::Closed,
         };
-        let quantile = |q| super::generator::quantile_ms(&held.latencies_us, q);
         let outcome = Outcome {
             seconds: started.elapsed().as_secs_f64(),
             ok: held.ok,
             errors: held.errors,
             first_error: held.first_error,
-            latency_ms: [0.5, 0.99, 1.0].map(quantile),
+            latency_ms: p50_p99_max_ms(&held.latencies_us),
         };
         report
             .figures

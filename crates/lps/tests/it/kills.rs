@@ -24,8 +24,9 @@ use lps_common::config::{
     ENV_RETRY_BACKOFF_MAX_MS, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_SIM_MODEL,
     ENV_SIM_SERVICE_MS, ENV_SIM_WORKERS, ENV_TARGET_URL,
 };
+use lps_common::net::free_port;
 use lps_common::wire::{METRICS_PATH, READYZ_PATH, STORE_PATH};
-use lps_testkit::mosquitto::{Mosquitto, free_port};
+use lps_testkit::mosquitto::Mosquitto;
 use lps_testkit::{ChildService, eventually};
 use rast_simulator::journal::{LEDGER_FILE, LedgerRecord};
 use tokio::process::{Child, Command};

@@ -435,7 +435,7 @@ async fn ctrl_c_during_a_bench_stops_its_services() {
 async fn a_run_left_behind_is_named_and_replaced() {
     // The legacy topology at an offset that puts the simulator (8084) on a free port, where a
     // simulator "left behind" by a gone lps listens.
-    let port = lps::topology::free_port();
+    let port = lps_common::net::free_port();
     let offset = port - 8084;
     let gone = std::process::Command::new("true").spawn().unwrap();
     let gone_pid = gone.id();
