@@ -147,6 +147,10 @@ pub struct PerHop {
     /// Ids acknowledged to the client before the simulator finished them (NG: the broker
     /// accepted the message; the backend sees it later).
     pub acknowledged_before_backend: u64,
+    /// Each hop's own mean time and share, from the services' histograms
+    /// ([`crate::hops`]); empty for a run without them.
+    #[serde(default)]
+    pub services: Vec<crate::hops::HopShare>,
 }
 
 /// One performance step.
@@ -382,15 +386,14 @@ pub(crate) fn analyze(run_dir: &Path) -> anyhow::Result<(Summary, Detail)> {
     let faults: Vec<FaultRecord> = read(&run_dir.join(FAULTS))?;
     let samples: Vec<BridgeSample> = read(&run_dir.join(BRIDGE_METRICS))?;
     let sim: Vec<LedgerRecord> = read(&run_dir.join("logs").join(LEDGER_FILE))?;
-    Ok(compute(
-        info,
-        has_drained,
-        run_dir,
-        &client,
-        faults,
-        &samples,
-        &sim,
-    ))
+    let (mut summary, detail) =
+        compute(info, has_drained, run_dir, &client, faults, &samples, &sim);
+    if let Some(timings) = crate::hops::load(run_dir) {
+        let hop = &summary.per_hop_ms;
+        summary.per_hop_ms.services =
+            crate::hops::shares(&timings, hop.to_backend.mean, hop.backend.mean);
+    }
+    Ok((summary, detail))
 }
 
 /// The summary and detail of one run from its parsed inputs, in named steps: the
@@ -449,6 +452,7 @@ fn compute(
             backend: Stats::of(side.backend),
             back_to_client: Stats::of(side.back_to_client),
             acknowledged_before_backend: side.acknowledged_before_backend,
+            services: Vec::new(),
         },
         per_step: steps(alarms, t0),
         throughput,

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::BrokerChoice;
 use crate::compose::Compose;
 use crate::faults::{self, Schedule, Target};
+use crate::hops;
 use crate::load::{self, LoadConfig, Shape};
 use crate::records::{self, BridgeSample, ClientRecord, FinalStatus, RequestKind, RunInfo};
 use crate::supervisor::{Signal, Supervisor, local_client};
@@ -113,6 +114,8 @@ pub struct Endpoints {
     pub simulator: String,
     /// legacy-proxy-2 instances and their `/metrics` URLs (empty: not scraped).
     pub bridges: Vec<(String, String)>,
+    /// Every service with its program and base URL, for the per-hop timings ([`hops`]).
+    pub services: Vec<(String, Program, String)>,
 }
 
 impl Endpoints {
@@ -132,6 +135,10 @@ impl Endpoints {
                 .iter()
                 .filter(|s| s.program == Program::LegacyProxy2)
                 .map(|s| (s.name.clone(), format!("{}/metrics", base(s))))
+                .collect(),
+            services: specs
+                .iter()
+                .map(|s| (s.name.clone(), s.program, base(s)))
                 .collect(),
         })
     }
@@ -639,6 +646,7 @@ async fn drive(
         stop_faults.clone(),
     );
 
+    let hops_before = hops::read(&endpoints.services).await;
     let load_start_us = records::now_us();
     let config = LoadConfig {
         entries: endpoints.entries.clone(),
@@ -670,6 +678,11 @@ async fn drive(
     let drained_us = drain(dir, experiment.drain_timeout).await;
     stop_scraper.cancel();
     let _ = scraper.await;
+    let hops_after = hops::read(&endpoints.services).await;
+    let timings = hops::difference(&endpoints.services, &hops_before, &hops_after);
+    if let Err(e) = hops::write(dir, &timings) {
+        eprintln!("warning: cannot record the per-hop timings: {e:#}");
+    }
     Ok((load_start_us, load_end_us, drained_us?))
 }
 

@@ -443,6 +443,30 @@ impl View<'_> {
                 ("chain ρ", |c, _| opt(c.chain_rho, 2)),
             ],
         );
+        self.cell_table(
+            &mut out,
+            "hops",
+            "Per-hop latency per cell",
+            "Each hop's own mean time in ms and its share of client send → simulator end, from \
+             the services' request-time histograms read at the load's start and after the \
+             drain: entry = ars-comp-1 minus its next hop; legacy-proxy-1 → PUBCOMP = its whole \
+             request; broker = client → simulator start minus the hops' own times (queueing \
+             and delivery; an estimate); legacy-proxy-2 forward and relay = their time minus \
+             the next hop's; simulator = its ledger's processing time.",
+            &[("hops: own mean ms (share)", |_, s| {
+                let hops: Vec<String> = s
+                    .per_hop_ms
+                    .services
+                    .iter()
+                    .map(|h| format!("{} {:.1} ({:.0} %)", h.hop, h.mean_ms, h.share * 100.0))
+                    .collect();
+                if hops.is_empty() {
+                    "-".to_owned()
+                } else {
+                    hops.join("; ")
+                }
+            })],
+        );
         out.push_str("</body></html>\n");
         out
     }

@@ -717,6 +717,7 @@ fn html(keys: &[String], summaries: &[Summary], details: &[Detail]) -> String {
     out.push_str("<p class=\"note\">Per-hop latencies use each id's first arrival. \"back to client\" covers only ids acknowledged after the simulator finished (the legacy return path); in NG the client is answered once the broker holds the message, usually before the simulator sees it (\"acked before backend\"). μ is arrivals per second of simulator busy time (time with at least one alarm in progress); ρ = λ/μ.</p>");
     per_topology_tables(&mut out, keys, summaries, "Performance steps", STEPS);
     per_topology_tables(&mut out, keys, summaries, "Faults", FAULTS_TABLE);
+    per_topology_tables(&mut out, keys, summaries, "Per-hop latency", HOPS_TABLE);
     out.push_str("</body></html>\n");
     out
 }
@@ -843,6 +844,22 @@ const FAULTS_TABLE: PerTopology = (&["t s", "service", "action", "how"], |s| {
                 f.service.clone(),
                 action.to_owned(),
                 f.how.clone(),
+            ]
+        })
+        .collect()
+});
+
+/// Each hop's own mean time and share of client send → simulator end ([`crate::hops`]
+/// defines each hop).
+const HOPS_TABLE: PerTopology = (&["hop", "own mean ms", "share"], |s| {
+    s.per_hop_ms
+        .services
+        .iter()
+        .map(|h| {
+            vec![
+                h.hop.clone(),
+                format!("{:.2}", h.mean_ms),
+                format!("{:.0} %", h.share * 100.0),
             ]
         })
         .collect()

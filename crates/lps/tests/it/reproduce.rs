@@ -146,5 +146,18 @@ async fn reproduce_quick_reports_every_finding_and_window_1_is_slower_than_32() 
             .map(|r| r["delivered"].parse::<u64>().unwrap())
             .sum();
         assert!(delivered_total >= s["delivered"].as_u64().unwrap(), "{key}");
+        // Per-hop latency: every hop of the topology, each with its own time.
+        let hops = s["per_hop_ms"]["services"].as_array().unwrap();
+        let expected = if key.starts_with("ng") { 6 } else { 3 };
+        assert_eq!(hops.len(), expected, "{key}: {hops:?}");
+        let simulator = hops.last().unwrap();
+        assert_eq!(simulator["hop"], "simulator", "{key}");
+        for hop in hops {
+            assert!(hop["mean_ms"].as_f64().unwrap().is_finite(), "{key}: {hop}");
+        }
     }
+    assert!(
+        report.contains("Per-hop latency"),
+        "report lacks the per-hop table"
+    );
 }
