@@ -368,6 +368,9 @@ impl View<'_> {
         )
     }
 
+    /// The page, section by section in reading order. Long (~100 lines) because it is that
+    /// list of sections, each one call with its title and definition; splitting it would
+    /// only move the list.
     fn html(&self, findings: &Findings) -> String {
         let mut out = String::with_capacity(128 * 1024);
         let _ = write!(
