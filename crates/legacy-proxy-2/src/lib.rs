@@ -481,19 +481,29 @@ impl Bridge {
         }
     }
 
-    /// [`Bridge::run`] without the takeover watch: registers the message handlers, connects
-    /// the three clients, keeps them subscribed and dispatches messages until `shutdown`,
-    /// then drains the work in flight (none after a takeover), disconnects, and leaves
-    /// what was never started unacknowledged.
     async fn work(
         self: Arc<Self>,
         shutdown: CancellationToken,
         grace: Duration,
         taken: Arc<std::sync::OnceLock<String>>,
     ) {
-        let Some(inboxes) = self.register_inboxes().await else {
-            return;
-        };
+        let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
+        let mut inboxes = Vec::new();
+        for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
+            let (tx, rx) = mpsc::unbounded_channel::<Inbound>();
+            // Registered before connecting: a resumed session flushes its messages right
+            // after CONNACK, before any SUBSCRIBE.
+            let link = &self.client(path).link;
+            if let Err(e) = link
+                .client
+                .register_ack_callback(filter.clone(), enqueue(tx.clone()))
+                .await
+            {
+                error!(error = %e, "cannot register the message handler");
+                return;
+            }
+            inboxes.push((path, filter, tx, rx));
+        }
         for client in [&self.traffic, &self.retries, &self.control] {
             if !client.link.connect(&shutdown).await {
                 return;
@@ -513,16 +523,35 @@ impl Bridge {
         let work = TaskTracker::new();
         let mut dispatchers = Vec::new();
         let mut leftovers = Vec::new();
-        for inbox in inboxes {
-            background.spawn(self.keep_path_subscribed(
-                inbox.path,
-                inbox.filter,
-                inbox.tx,
+        for (path, filter, tx, rx) in inboxes {
+            let this = self.clone();
+            background.spawn(keep_subscribed(
+                self.client(path),
+                self.config.mqtt.qos,
+                self.config.publish_timeout,
                 stop_background.clone(),
+                move || {
+                    let this = this.clone();
+                    let filter = filter.clone();
+                    let tx = tx.clone();
+                    async move {
+                        let options = SubscribeOptions {
+                            qos: this.config.mqtt.qos,
+                            ..SubscribeOptions::default()
+                        };
+                        // Replaces the handler registered above with an identical one.
+                        this.client(path)
+                            .link
+                            .client
+                            .subscribe_with_ack(filter, options, enqueue(tx))
+                            .await
+                            .map(|_| ())
+                    }
+                },
             ));
             dispatchers.push(tokio::spawn(self.clone().dispatch(
-                inbox.path,
-                inbox.rx,
+                path,
+                rx,
                 work.clone(),
                 shutdown.clone(),
             )));
@@ -534,7 +563,30 @@ impl Bridge {
         }
         self.ready.store(false, Ordering::Release);
         work.close();
-        finish_in_flight(&work, grace, taken.get().is_some()).await;
+        // After a takeover no acknowledgement can reach the broker: the sessions, with
+        // every message in flight here, belong to the new instance, which gets them again.
+        let grace = if taken.get().is_some() {
+            Duration::ZERO
+        } else {
+            info!(
+                in_flight = work.len(),
+                "taking no new messages; finishing those in flight"
+            );
+            grace
+        };
+        if grace.is_zero() {
+            if !work.is_empty() {
+                info!(
+                    abandoned = work.len(),
+                    "session taken over: abandoning messages in flight; the new owner receives them again"
+                );
+            }
+        } else if tokio::time::timeout(grace, work.wait()).await.is_err() {
+            warn!(
+                left = work.len(),
+                "grace period over; unacknowledged messages will be redelivered"
+            );
+        }
         stop_background.cancel();
         background.close();
         background.wait().await;
@@ -545,71 +597,20 @@ impl Bridge {
         for client in [&self.traffic, &self.retries, &self.control] {
             client.link.disconnect().await;
         }
-        leave_unstarted(leftovers);
-    }
-
-    /// Registers the message handler of each path, before connecting: a resumed session
-    /// flushes its messages right after CONNACK, before any SUBSCRIBE. `None` (logged)
-    /// when the client refuses one.
-    async fn register_inboxes(&self) -> Option<Vec<Inbox>> {
-        let [traffic_filter, retry_filter] = bridge_filters(&self.config.group);
-        let mut inboxes = Vec::new();
-        for (path, filter) in [(Path::Traffic, traffic_filter), (Path::Retry, retry_filter)] {
-            let (tx, rx) = mpsc::unbounded_channel::<Inbound>();
-            let link = &self.client(path).link;
-            if let Err(e) = link
-                .client
-                .register_ack_callback(filter.clone(), enqueue(tx.clone()))
-                .await
-            {
-                error!(error = %e, "cannot register the message handler");
-                return None;
+        // Messages that arrived but were not started: unacknowledged, so the broker
+        // delivers them again. Forget the tokens rather than let them send a negative
+        // acknowledgement (which would make the broker drop the message).
+        let mut left = 0;
+        for mut rx in leftovers {
+            rx.close();
+            while let Ok(inbound) = rx.try_recv() {
+                std::mem::forget(inbound.token);
+                left += 1;
             }
-            inboxes.push(Inbox {
-                path,
-                filter,
-                tx,
-                rx,
-            });
         }
-        Some(inboxes)
-    }
-
-    /// The background task that keeps the subscription of `path` (to `filter`, messages
-    /// into `tx`) live until `stop`.
-    fn keep_path_subscribed(
-        self: &Arc<Self>,
-        path: Path,
-        filter: String,
-        tx: mpsc::UnboundedSender<Inbound>,
-        stop: CancellationToken,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let this = self.clone();
-        keep_subscribed(
-            self.client(path),
-            self.config.mqtt.qos,
-            self.config.publish_timeout,
-            stop,
-            move || {
-                let this = this.clone();
-                let filter = filter.clone();
-                let tx = tx.clone();
-                async move {
-                    let options = SubscribeOptions {
-                        qos: this.config.mqtt.qos,
-                        ..SubscribeOptions::default()
-                    };
-                    // Replaces the handler registered before connecting with an identical
-                    // one.
-                    this.client(path)
-                        .link
-                        .client
-                        .subscribe_with_ack(filter, options, enqueue(tx))
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
+        if left > 0 {
+            info!(left, "left unacknowledged for redelivery");
+        }
     }
 
     /// Hands the messages of one path to tasks, at most `MQTT_RECEIVE_MAXIMUM` at once,
@@ -1084,60 +1085,6 @@ fn enqueue(
             // Shutting down: leave it unacknowledged for redelivery.
             std::mem::forget(inbound.token);
         }
-    }
-}
-
-/// One path's queue of messages: filled by the MQTT client's handler through `tx`,
-/// emptied by [`Bridge::dispatch`] from `rx`.
-struct Inbox {
-    path: Path,
-    filter: String,
-    tx: mpsc::UnboundedSender<Inbound>,
-    rx: mpsc::UnboundedReceiver<Inbound>,
-}
-
-/// Lets the closed `work` finish within `grace`; after a takeover (`taken_over`) it
-/// abandons it at once: no acknowledgement can reach the broker, and the sessions, with
-/// every message in flight here, belong to the new instance, which gets them again.
-async fn finish_in_flight(work: &TaskTracker, grace: Duration, taken_over: bool) {
-    let grace = if taken_over {
-        Duration::ZERO
-    } else {
-        info!(
-            in_flight = work.len(),
-            "taking no new messages; finishing those in flight"
-        );
-        grace
-    };
-    if grace.is_zero() {
-        if !work.is_empty() {
-            info!(
-                abandoned = work.len(),
-                "session taken over: abandoning messages in flight; the new owner receives them again"
-            );
-        }
-    } else if tokio::time::timeout(grace, work.wait()).await.is_err() {
-        warn!(
-            left = work.len(),
-            "grace period over; unacknowledged messages will be redelivered"
-        );
-    }
-}
-
-/// Messages that arrived but were not started: unacknowledged, so the broker delivers
-/// them again. Forgets the tokens rather than let them send a negative acknowledgement
-/// (which would make the broker drop the message).
-fn leave_unstarted(leftovers: Vec<mpsc::UnboundedReceiver<Inbound>>) {
-    let mut left = 0;
-    for mut rx in leftovers {
-        rx.close();
-        while let Ok(inbound) = rx.try_recv() {
-            std::mem::forget(inbound.token);
-            left += 1;
-        }
-    }
-    if left > 0 {
-        info!(left, "left unacknowledged for redelivery");
     }
 }
 
