@@ -50,6 +50,11 @@ pub const ENV_HTTP2_KEEPALIVE_TIMEOUT_MS: &str = "HTTP2_KEEPALIVE_TIMEOUT_MS";
 /// `BODY_BUDGET_WAIT_MS`: how long a large body waits for memory.
 pub const ENV_BODY_BUDGET_WAIT_MS: &str = "BODY_BUDGET_WAIT_MS";
 
+/// `TOKIO_WORKER_THREADS`: the runtime's worker threads ([`crate::service::main`]; Tokio
+/// reads it itself, default one per core). `lps` sets it for replicas that share a
+/// machine.
+pub const ENV_TOKIO_WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
 // Logging ([`crate::telemetry::TelemetryConfig`]).
 /// `SERVICE_NAME`: the service's name: log file, MQTT client id.
 pub const ENV_SERVICE_NAME: &str = "SERVICE_NAME";

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use lps_common::config::{
     ENV_BROKER_DATA, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC, ENV_PROXY_ALLOWED_PORTS,
-    ENV_PROXY_PORT, ENV_TARGET_URL, ENV_USE_HTTP_2, ENV_WS_ENABLED,
+    ENV_PROXY_PORT, ENV_TARGET_URL, ENV_TOKIO_WORKER_THREADS, ENV_USE_HTTP_2, ENV_WS_ENABLED,
 };
 use lps_common::net::free_port;
 use lps_common::wire::{HEALTHZ_PATH, READYZ_PATH};
@@ -201,16 +201,32 @@ struct Builder<'a> {
     specs: Vec<ServiceSpec>,
 }
 
+/// The replicas of a tier.
+const REPLICAS: u16 = 3;
+
+/// The runtime threads of one replica: the tier's replicas share the machine's cores
+/// (`max(1, cores / 3)`; 1 on 2 cores). Tokio's default, a thread per core in every
+/// process, puts 30 runtime threads of the NG chain on 2 cores, and each request then
+/// wakes threads across processes: measured on 2 cores, NG's CPU per delivered alarm
+/// fell from 835 to 624 µs with one thread per replica (BENCHMARKS.md, issue 13).
+fn replica_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    (cores / usize::from(REPLICAS)).max(1)
+}
+
 impl Builder<'_> {
-    /// One tier of three replicas: `name-{1,2,3}` on compose ports `base + {1,2,3}`.
+    /// One tier of three replicas: `name-{1,2,3}` on compose ports `base + {1,2,3}`, each
+    /// with its share of the cores ([`replica_threads`]).
     fn tier(&mut self, name: &str, program: Program, base: u16, env: &TierEnv<'_>) {
         let (entry, health) = match program {
             Program::ArsComp1 => (true, Health::Http(HEALTHZ_PATH)),
             Program::LegacyProxy1 | Program::LegacyProxy2 => (false, Health::Http(READYZ_PATH)),
             _ => (false, Health::Http(HEALTHZ_PATH)),
         };
-        for i in 1..=3u16 {
-            let env = env(&mut self.ports, i);
+        let threads = replica_threads().to_string();
+        for i in 1..=REPLICAS {
+            let mut env = env(&mut self.ports, i);
+            env.push((ENV_TOKIO_WORKER_THREADS, threads.clone()));
             let port = self.ports.get(base + i);
             self.specs.push(spec(
                 format!("{name}-{i}"),
@@ -512,5 +528,32 @@ mod tests {
                 .iter()
                 .all(|s| s.name != "edge")
         );
+    }
+
+    #[test]
+    fn replicas_share_the_cores() {
+        let threads = replica_threads().to_string();
+        for topology in [Topology::Legacy, Topology::Ng] {
+            let broker = Broker::External {
+                host: "mq".into(),
+                port: 1883,
+            };
+            for spec in services(topology, &Options::default(), Some(&broker)) {
+                let expected = if spec.program == Program::RastSimulator {
+                    // One process: Tokio's default, a thread per core.
+                    ""
+                } else {
+                    threads.as_str()
+                };
+                assert_eq!(
+                    env(&spec, ENV_TOKIO_WORKER_THREADS),
+                    expected,
+                    "{}",
+                    spec.name
+                );
+            }
+        }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(replica_threads(), (cores / 3).max(1));
     }
 }
