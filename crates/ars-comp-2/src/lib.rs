@@ -25,7 +25,6 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::server::shutdown_on_signals;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
@@ -92,8 +91,7 @@ pub async fn serve(
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 async fn store(
@@ -118,7 +116,5 @@ async fn store(
 /// The binary's entry point: configuration from the process environment (exit 64 when
 /// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
+    service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }
