@@ -32,13 +32,13 @@ use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::request_id::RequestId;
-use lps_common::telemetry::TelemetryConfig;
+use lps_common::telemetry::{self, TelemetryConfig};
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::LegacyMessage;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug_span};
+use tracing::debug_span;
 
 /// The entry route.
 pub const SIMPLE_PATH: &str = "/api/v1/simple";
@@ -228,12 +228,7 @@ async fn simple(
     // Debug level: below it the span is never built (one relaxed load per request).
     let span = debug_span!("simple", %request_id);
     let relay = upstream.relay(&message, &request_id);
-    Ok(if span.is_disabled() {
-        // No `Instrumented` wrapper around the whole relay when the span is off.
-        relay.await
-    } else {
-        relay.instrument(span).await
-    })
+    Ok(telemetry::in_span(span, relay).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when

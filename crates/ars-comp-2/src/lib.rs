@@ -25,12 +25,12 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::telemetry::TelemetryConfig;
+use lps_common::telemetry::{self, TelemetryConfig};
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug_span, warn};
+use tracing::{debug_span, warn};
 
 /// Default target: the simulator on its usual port.
 pub const DEFAULT_TARGET: &str = "http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET";
@@ -105,12 +105,7 @@ async fn store(
     // Debug level: below it the span is never built (one relaxed load per request).
     let span = debug_span!("store", %request_id);
     let relay = upstream.relay_payload(payload, &request_id);
-    Ok(if span.is_disabled() {
-        // No `Instrumented` wrapper around the whole relay when the span is off.
-        relay.await
-    } else {
-        relay.instrument(span).await
-    })
+    Ok(telemetry::in_span(span, relay).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
