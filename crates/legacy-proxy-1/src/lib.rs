@@ -734,10 +734,7 @@ pub async fn serve(
     let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, serving).await;
     // Only now, with every request answered, close the broker connection.
     stop_mqtt.cancel();
-    match mqtt.await {
-        Ok(Err(taken_over)) => Err(taken_over.into()),
-        _ => served,
-    }
+    lps_common::mqtt::bridge_outcome(mqtt, served).await
 }
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.

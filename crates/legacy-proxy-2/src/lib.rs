@@ -1113,10 +1113,7 @@ pub async fn serve(
     let worker = tokio::spawn(bridge.clone().run(stop.clone(), server.shutdown_grace));
     let app = app(&bridge, registry, server.max_body_bytes);
     let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, stop).await;
-    match worker.await {
-        Ok(Err(taken_over)) => Err(taken_over.into()),
-        _ => served,
-    }
+    lps_common::mqtt::bridge_outcome(worker, served).await
 }
 
 /// Binds the admin port per `config` and [`serve`]s until SIGTERM/SIGINT.
