@@ -32,14 +32,13 @@ use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
 use lps_common::request_id::RequestId;
-use lps_common::server::shutdown_on_signals;
-use lps_common::telemetry::TelemetryConfig;
+use lps_common::telemetry::{self, TelemetryConfig};
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::LegacyMessage;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug_span};
+use tracing::debug_span;
 
 /// The entry route.
 pub const SIMPLE_PATH: &str = "/api/v1/simple";
@@ -209,8 +208,7 @@ pub async fn serve(
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 async fn simple(
@@ -230,20 +228,13 @@ async fn simple(
     // Debug level: below it the span is never built (one relaxed load per request).
     let span = debug_span!("simple", %request_id);
     let relay = upstream.relay(&message, &request_id);
-    Ok(if span.is_disabled() {
-        // No `Instrumented` wrapper around the whole relay when the span is off.
-        relay.await
-    } else {
-        relay.instrument(span).await
-    })
+    Ok(telemetry::in_span(span, relay).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
 /// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
+    service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }
 
 #[cfg(test)]

@@ -25,13 +25,12 @@ use axum::routing::post;
 use http::HeaderMap;
 use lps_common::api::{self, ApiError, Body};
 use lps_common::config::{ConfigError, Env, Lookup, ServerConfig};
-use lps_common::server::shutdown_on_signals;
-use lps_common::telemetry::TelemetryConfig;
+use lps_common::telemetry::{self, TelemetryConfig};
 use lps_common::upstream::{Upstream, UpstreamConfig};
 use lps_common::wire::STORE_PATH;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug_span, warn};
+use tracing::{debug_span, warn};
 
 /// Default target: the simulator on its usual port.
 pub const DEFAULT_TARGET: &str = "http://localhost:1337/ID_REQ_KC_STORE7D3BPACKET";
@@ -92,8 +91,7 @@ pub async fn serve(
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 async fn store(
@@ -107,18 +105,11 @@ async fn store(
     // Debug level: below it the span is never built (one relaxed load per request).
     let span = debug_span!("store", %request_id);
     let relay = upstream.relay_payload(payload, &request_id);
-    Ok(if span.is_disabled() {
-        // No `Instrumented` wrapper around the whole relay when the span is off.
-        relay.await
-    } else {
-        relay.instrument(span).await
-    })
+    Ok(telemetry::in_span(span, relay).await)
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
 /// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
+    service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }

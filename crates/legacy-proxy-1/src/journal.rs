@@ -683,25 +683,15 @@ mod tests {
                 latencies.extend(worker.await.expect("task"));
             }
             let elapsed = start.elapsed();
-            let cpu = process_cpu_ticks()
-                .zip(cpu_before)
-                .map(|((u1, s1), (u0, s0))| {
-                    format!("user={}ms sys={}ms", (u1 - u0) * 10, (s1 - s0) * 10)
-                });
-            latencies.sort_unstable();
-            let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+            let tail = latencies_and_cpu(&mut latencies, cpu_before);
             let stats = journal.stats();
             println!(
                 "tasks={tasks} appends={} elapsed={elapsed:.2?} appends/s={:.0} syncs={} \
-                 records/sync={:.1} p50={:.2?} p99={:.2?} max={:.2?} cpu: {}",
+                 records/sync={:.1} {tail}",
                 latencies.len(),
                 latencies.len() as f64 / elapsed.as_secs_f64(),
                 stats.syncs,
                 stats.records as f64 / stats.syncs.max(1) as f64,
-                at(0.5),
-                at(0.99),
-                at(1.0),
-                cpu.unwrap_or_default(),
             );
         }
     }
@@ -738,6 +728,22 @@ mod tests {
             latencies.push(append.await.expect("task"));
         }
         let elapsed = start.elapsed();
+        let tail = latencies_and_cpu(&mut latencies, cpu_before);
+        let stats = journal.stats();
+        println!(
+            "rate={}/s appends={} elapsed={elapsed:.2?} syncs={} syncs/s={:.0} records/sync={:.1} \
+             {tail}",
+            PER_MS * 1000,
+            latencies.len(),
+            stats.syncs,
+            stats.syncs as f64 / elapsed.as_secs_f64(),
+            stats.records as f64 / stats.syncs.max(1) as f64,
+        );
+    }
+
+    /// The end of a benchmark's line: p50, p99 and max of `latencies` (sorted here), and the
+    /// CPU time used since `cpu_before`.
+    fn latencies_and_cpu(latencies: &mut [Duration], cpu_before: Option<(u64, u64)>) -> String {
         let cpu = process_cpu_ticks()
             .zip(cpu_before)
             .map(|((u1, s1), (u0, s0))| {
@@ -745,20 +751,13 @@ mod tests {
             });
         latencies.sort_unstable();
         let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-        let stats = journal.stats();
-        println!(
-            "rate={}/s appends={} elapsed={elapsed:.2?} syncs={} syncs/s={:.0} records/sync={:.1} \
-             p50={:.2?} p99={:.2?} max={:.2?} cpu: {}",
-            PER_MS * 1000,
-            latencies.len(),
-            stats.syncs,
-            stats.syncs as f64 / elapsed.as_secs_f64(),
-            stats.records as f64 / stats.syncs.max(1) as f64,
+        format!(
+            "p50={:.2?} p99={:.2?} max={:.2?} cpu: {}",
             at(0.5),
             at(0.99),
             at(1.0),
-            cpu.unwrap_or_default(),
-        );
+            cpu.unwrap_or_default()
+        )
     }
 
     /// User and system CPU time of this process in clock ticks (100 Hz on Linux).

@@ -79,7 +79,7 @@ use lps_common::config::{
 };
 use lps_common::mqtt::mqtt5::{QoS, SubscribeOptions};
 use lps_common::mqtt::{Capability, Completed, Link, MqttConfig, PublishError, SessionTakenOver};
-use lps_common::server::{Protocols, shutdown_on_signals};
+use lps_common::server::Protocols;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::wire::{PROBE_PROPERTY, PROBE_TOPIC, STORE_PATH, probe_reply_topic};
 use lps_common::{Registry, finish_router, service};
@@ -734,16 +734,12 @@ pub async fn serve(
     let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, serving).await;
     // Only now, with every request answered, close the broker connection.
     stop_mqtt.cancel();
-    match mqtt.await {
-        Ok(Err(taken_over)) => Err(taken_over.into()),
-        _ => served,
-    }
+    lps_common::mqtt::bridge_outcome(mqtt, served).await
 }
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 async fn store(
@@ -783,7 +779,5 @@ async fn store(
 /// The binary's entry point: configuration from the process environment (exit 64 when
 /// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
+    service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }

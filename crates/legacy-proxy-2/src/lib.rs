@@ -84,7 +84,7 @@ use lps_common::mqtt::{
     lacks_shared_subscriptions,
 };
 use lps_common::request_id::RequestId;
-use lps_common::server::{Protocols, shutdown_on_signals};
+use lps_common::server::Protocols;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::upstream::{Upstream, UpstreamConfig, UpstreamError};
 use lps_common::wire::{
@@ -1113,22 +1113,16 @@ pub async fn serve(
     let worker = tokio::spawn(bridge.clone().run(stop.clone(), server.shutdown_grace));
     let app = app(&bridge, registry, server.max_body_bytes);
     let served = service::serve(listener, &server, app, Protocols::Http1AndH2c, stop).await;
-    match worker.await {
-        Ok(Err(taken_over)) => Err(taken_over.into()),
-        _ => served,
-    }
+    lps_common::mqtt::bridge_outcome(worker, served).await
 }
 
 /// Binds the admin port per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 /// The binary's entry point: configuration from the process environment (exit 64 when
 /// invalid), then [`run`].
 pub fn main() -> std::process::ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    service::main(&config.telemetry.clone(), run(config))
+    service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }

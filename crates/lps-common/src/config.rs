@@ -341,6 +341,20 @@ impl<'a> Env<'a> {
         Ok(Duration::from_millis(value))
     }
 
+    /// A TCP connect timeout in milliseconds, from 1 ms to 10 minutes, or `default`.
+    pub fn connect_timeout_ms(
+        &self,
+        var: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        self.millis_in(
+            var,
+            default,
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+        )
+    }
+
     /// A duration in (possibly fractional) seconds from 0 to [`MAX_DURATION`], or
     /// `default`.
     pub fn seconds(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {

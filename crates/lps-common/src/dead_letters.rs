@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use mqtt5::types::Message;
 use mqtt5::{
     Delivery, MqttClient, PublishOptions, PublishOutcome, PublishResult, QoS, SubscribeOptions,
 };
@@ -216,19 +217,8 @@ pub async fn list(
     quiet: Duration,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let filter = format!("{prefix}/+");
-    // Unbounded: the callback cannot wait, and what arrives is bounded by the retained
-    // set the broker holds.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let options = SubscribeOptions {
-        qos: QoS::ExactlyOnce,
-        ..SubscribeOptions::default()
-    };
-    client
-        .subscribe_with_options(filter.clone(), options, move |message| {
-            let _ = tx.send(message);
-        })
-        .await
-        .with_context(|| format!("subscribing to {filter}"))?;
+    // Unbounded: what arrives is bounded by the retained set the broker holds.
+    let mut rx = subscribe_to_channel(client, &filter, QoS::ExactlyOnce, |message| message).await?;
     let mut letters = BTreeMap::new();
     while let Ok(Some(message)) = tokio::time::timeout(quiet, rx.recv()).await {
         if !message.retain {
@@ -248,6 +238,28 @@ pub async fn list(
         .await
         .with_context(|| format!("unsubscribing from {filter}"))?;
     Ok(letters.into_values().collect())
+}
+
+/// Subscribes to `filter` at `qos` and returns a channel of `pick(message)` for each message
+/// that arrives. Unbounded: the client's callback cannot wait.
+async fn subscribe_to_channel<T: Send + 'static>(
+    client: &MqttClient,
+    filter: &str,
+    qos: QoS,
+    pick: fn(Message) -> T,
+) -> anyhow::Result<mpsc::UnboundedReceiver<T>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = SubscribeOptions {
+        qos,
+        ..SubscribeOptions::default()
+    };
+    client
+        .subscribe_with_options(filter.to_owned(), options, move |message| {
+            let _ = tx.send(pick(message));
+        })
+        .await
+        .with_context(|| format!("subscribing to {filter}"))?;
+    Ok(rx)
 }
 
 /// Whether a legacy-proxy-2 answers a subscriber probe within `timeout`: subscribes to
@@ -270,17 +282,10 @@ async fn try_probe(
     timeout: Duration,
 ) -> anyhow::Result<bool> {
     let token = Uuid::new_v4().simple().to_string();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let options = SubscribeOptions {
-        qos: QoS::AtLeastOnce,
-        ..SubscribeOptions::default()
-    };
-    client
-        .subscribe_with_options(reply_topic.to_owned(), options, move |message| {
-            let _ = tx.send(message.payload);
-        })
-        .await
-        .with_context(|| format!("subscribing to {reply_topic}"))?;
+    let mut rx = subscribe_to_channel(client, reply_topic, QoS::AtLeastOnce, |message| {
+        message.payload
+    })
+    .await?;
     let mut publish = PublishOptions {
         qos: QoS::AtLeastOnce,
         ..PublishOptions::default()

@@ -179,15 +179,28 @@ impl DnsCache {
 /// called for new connections only, never for a pooled one. IP literals do not get here:
 /// the connector uses them as they are.
 #[derive(Clone)]
-pub(crate) struct CacheResolver {
+pub struct CacheResolver {
     cache: Arc<DnsCache>,
-    /// The lookup gets the connect timeout: hickory's own retries may take far longer.
-    timeout: Duration,
+    /// When set, the lookup gets the connect timeout: hickory's own retries may take far
+    /// longer.
+    timeout: Option<Duration>,
 }
 
 impl CacheResolver {
-    pub(crate) fn new(cache: Arc<DnsCache>, timeout: Duration) -> Self {
-        Self { cache, timeout }
+    /// Resolves through `cache`, giving up after `timeout`.
+    pub fn new(cache: Arc<DnsCache>, timeout: Duration) -> Self {
+        Self {
+            cache,
+            timeout: Some(timeout),
+        }
+    }
+
+    /// Resolves through `cache` with no timeout of its own.
+    pub fn without_timeout(cache: Arc<DnsCache>) -> Self {
+        Self {
+            cache,
+            timeout: None,
+        }
     }
 }
 
@@ -204,14 +217,17 @@ impl tower::Service<Name> for CacheResolver {
         let (cache, timeout) = (self.cache.clone(), self.timeout);
         Box::pin(async move {
             let host = name.as_str();
-            let addrs = tokio::time::timeout(timeout, cache.resolve(host))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("resolve {host}: no answer within {timeout:?}"),
-                    )
-                })??;
+            let addrs = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, cache.resolve(host))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("resolve {host}: no answer within {timeout:?}"),
+                        )
+                    })??,
+                None => cache.resolve(host).await?,
+            };
             // Port 0: the connector puts in the URL's port.
             Ok(addrs
                 .into_iter()

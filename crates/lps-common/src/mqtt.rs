@@ -429,6 +429,19 @@ pub struct SessionTakenOver {
     pub client_id: String,
 }
 
+/// What a bridge's `serve` returns once its HTTP server finished (`served`): waits for the
+/// broker `worker` and returns its [`SessionTakenOver`] if it had one, else `served` (also
+/// when the worker panicked).
+pub async fn bridge_outcome(
+    worker: tokio::task::JoinHandle<Result<(), SessionTakenOver>>,
+    served: anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    match worker.await {
+        Ok(Err(taken_over)) => Err(taken_over.into()),
+        _ => served,
+    }
+}
+
 /// What a bridge needs from the broker and a CONNACK may deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capability {

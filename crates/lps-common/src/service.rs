@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::Registry;
-use crate::config::{Env, Lookup, ProcessEnv, ServerConfig};
+use crate::config::{ConfigError, Env, Lookup, ProcessEnv, ServerConfig};
 use crate::server::{self, Protocols};
 use crate::telemetry::{self, TelemetryConfig};
 use crate::upstream::{Upstream, UpstreamConfig};
@@ -89,6 +89,35 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// What a service binary's `main` does: reads its configuration from the process
+/// environment with `from_lookup` (exit 64 when invalid), then runs `run(config)` under
+/// [`main`] with the logging settings `telemetry_of(&config)`.
+pub fn main_from_env<C, F>(
+    from_lookup: fn(&dyn Lookup) -> Result<C, ConfigError>,
+    telemetry_of: fn(&C) -> &TelemetryConfig,
+    run: impl FnOnce(C) -> F,
+) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let config = from_lookup(&ProcessEnv).unwrap_or_else(|e| crate::exit_on_config_error(&e));
+    main(&telemetry_of(&config).clone(), run(config))
+}
+
+/// What a service's `run` does: [`bind`]s the address `server_of(&config)` names, then calls
+/// the service's `serve` with the listener and [`server::shutdown_on_signals`].
+pub async fn bind_and_serve<C, F>(
+    config: C,
+    server_of: fn(&C) -> &ServerConfig,
+    serve: impl FnOnce(C, TcpListener, CancellationToken) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let listener = bind(server_of(&config))?;
+    serve(config, listener, server::shutdown_on_signals()).await
 }
 
 /// Binds the address `config` names, with its listen backlog: what a service's `run` does

@@ -4,8 +4,10 @@
 //! `json`, `LOG_DIR` the folder of the log file (default `logs`). Writing to the file goes
 //! through a background thread so a slow disk never stalls a request.
 
+use std::future::Future;
 use std::path::PathBuf;
 
+use tracing::{Instrument, Span};
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, fmt};
@@ -89,4 +91,15 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<WorkerGuard> {
             .try_init()?,
     }
     Ok(guard)
+}
+
+/// Awaits `future` inside `span`, or bare when `span` is disabled (below the log level):
+/// a per-request span on a hot path then costs no `Instrumented` wrapper when it is off.
+/// Build the span with `debug_span!` at the call site, so that a disabled one is never built.
+pub async fn in_span<F: Future>(span: Span, future: F) -> F::Output {
+    if span.is_disabled() {
+        future.await
+    } else {
+        future.instrument(span).await
+    }
 }

@@ -216,12 +216,8 @@ impl WsConfig {
             max_message_bytes: env.number(ENV_WS_MAX_MESSAGE_BYTES, 1 << 20, 128, 256 << 20)?,
             flush_threshold: env.number(ENV_WS_FLUSH_THRESHOLD_BYTES, 128 << 10, 1, 16 << 20)?,
             small_packet: env.number(ENV_WS_SMALL_PACKET_BYTES, 100, 0, 1 << 20)?,
-            broker_connect_timeout: env.millis_in(
-                ENV_WS_BROKER_CONNECT_TIMEOUT_MS,
-                Duration::from_secs(5),
-                Duration::from_millis(1),
-                Duration::from_secs(600),
-            )?,
+            broker_connect_timeout: env
+                .connect_timeout_ms(ENV_WS_BROKER_CONNECT_TIMEOUT_MS, Duration::from_secs(5))?,
         })
     }
 }

@@ -3,12 +3,9 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use hyper_util::client::legacy::connect::dns::Name;
-use lps_common::dns::{DnsCache, HickoryLookup};
+use lps_common::dns::{CacheResolver, DnsCache, HickoryLookup};
 use tokio::net::TcpStream;
 
 /// Connects to `host:port` names; built once, shared by the bridge and the proxy.
@@ -74,34 +71,10 @@ impl Dialer {
 
     /// hyper-util's resolver interface over the same cache, for the forwarding client.
     pub fn resolver(&self) -> Resolver {
-        Resolver(self.dns.clone())
+        CacheResolver::without_timeout(self.dns.clone())
     }
 }
 
 /// [`Dialer`]'s cache as a hyper-util resolver (new connections only; IP literals never
-/// get here).
-#[derive(Clone)]
-pub struct Resolver(Arc<DnsCache>);
-
-impl tower::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = io::Error;
-    type Future = BoxFuture<'static, io::Result<Self::Response>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let cache = self.0.clone();
-        Box::pin(async move {
-            let addrs = cache.resolve(name.as_str()).await?;
-            // Port 0: the connector puts in the URL's port.
-            Ok(addrs
-                .into_iter()
-                .map(|ip| SocketAddr::new(ip, 0))
-                .collect::<Vec<_>>()
-                .into_iter())
-        })
-    }
-}
+/// get here), with no timeout of its own.
+pub type Resolver = CacheResolver;

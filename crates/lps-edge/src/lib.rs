@@ -249,7 +249,5 @@ pub fn main() -> ExitCode {
     if let Some(code) = lps_common::service::healthcheck_if_requested(config::DEFAULT_HTTP_PORT) {
         return code;
     }
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    lps_common::service::main(&config.telemetry.clone(), run(config))
+    lps_common::service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }

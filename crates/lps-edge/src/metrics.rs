@@ -77,64 +77,34 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("edge");
-        r.register(
-            "ws_connections",
-            "WebSocket bridges open",
-            m.ws.open.clone(),
-        );
-        r.register(
-            "ws_accepted",
-            "WebSocket upgrades accepted",
-            m.ws.accepted.clone(),
-        );
-        r.register(
-            "ws_rejected",
-            "WebSocket upgrades refused (bad_handshake, limit, broker_unreachable)",
-            m.ws.rejected.clone(),
-        );
-        r.register(
-            "ws_closed",
-            "WebSocket bridges closed (client_closed, client_error, client_protocol, \
-             broker_closed, broker_error, shutdown)",
-            m.ws.closed.clone(),
-        );
-        r.register("ws_bytes", "Bytes bridged", m.ws.bytes.clone());
-        r.register(
-            "ws_messages",
-            "WebSocket messages received from clients (to_broker) or sent to them (to_client)",
-            m.ws.messages.clone(),
-        );
-        r.register(
-            "ws_writes",
-            "Socket writes of the bridge",
-            m.ws.writes.clone(),
-        );
-        r.register(
-            "proxy_connections",
-            "Forward-proxy client connections open",
-            m.proxy.connections.clone(),
-        );
-        r.register(
-            "proxy_requests",
-            "Forward-proxy requests answered, by kind and status",
-            m.proxy.requests.clone(),
-        );
-        r.register(
-            "proxy_tunnels",
-            "CONNECT tunnels open",
-            m.proxy.tunnels.clone(),
-        );
-        r.register(
-            "proxy_tunnels_closed",
-            "CONNECT tunnels closed (upstream_closed, client_closed, upstream_error, \
-             client_error, shutdown)",
-            m.proxy.tunnels_closed.clone(),
-        );
-        r.register(
-            "proxy_tunnel_bytes",
-            "Bytes through CONNECT tunnels",
-            m.proxy.tunnel_bytes.clone(),
-        );
+        // (name, metric => help), registered in this order.
+        macro_rules! register {
+            ($($name:literal, $metric:expr => $help:literal;)*) => {
+                $(r.register($name, $help, $metric.clone());)*
+            };
+        }
+        register! {
+            "ws_connections", m.ws.open => "WebSocket bridges open";
+            "ws_accepted", m.ws.accepted => "WebSocket upgrades accepted";
+            "ws_rejected", m.ws.rejected =>
+                "WebSocket upgrades refused (bad_handshake, limit, broker_unreachable)";
+            "ws_closed", m.ws.closed =>
+                "WebSocket bridges closed (client_closed, client_error, client_protocol, \
+                 broker_closed, broker_error, shutdown)";
+            "ws_bytes", m.ws.bytes => "Bytes bridged";
+            "ws_messages", m.ws.messages =>
+                "WebSocket messages received from clients (to_broker) or sent to them (to_client)";
+            "ws_writes", m.ws.writes => "Socket writes of the bridge";
+            "proxy_connections", m.proxy.connections =>
+                "Forward-proxy client connections open";
+            "proxy_requests", m.proxy.requests =>
+                "Forward-proxy requests answered, by kind and status";
+            "proxy_tunnels", m.proxy.tunnels => "CONNECT tunnels open";
+            "proxy_tunnels_closed", m.proxy.tunnels_closed =>
+                "CONNECT tunnels closed (upstream_closed, client_closed, upstream_error, \
+                 client_error, shutdown)";
+            "proxy_tunnel_bytes", m.proxy.tunnel_bytes => "Bytes through CONNECT tunnels";
+        }
         m
     }
 }

@@ -87,12 +87,8 @@ impl Config {
                 reverse,
                 buffer_bytes: env.number(ENV_BUFFER_BYTES, 256 * 1024, 4096, 64 << 20)?,
                 max_connections: env.number(ENV_MAX_CONNECTIONS, 1024, 1, 1 << 20)?,
-                connect_timeout: env.millis_in(
-                    ENV_CONNECT_TIMEOUT_MS,
-                    Duration::from_secs(5),
-                    Duration::from_millis(1),
-                    Duration::from_secs(600),
-                )?,
+                connect_timeout: env
+                    .connect_timeout_ms(ENV_CONNECT_TIMEOUT_MS, Duration::from_secs(5))?,
                 backlog: env.number("LISTEN_BACKLOG", 4096, 1, 1 << 20)?,
                 seed,
             },

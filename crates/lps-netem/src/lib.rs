@@ -327,7 +327,5 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The process entry point: configuration from the environment (one line and exit 64
 /// when invalid), logging, then [`run`].
 pub fn main() -> ExitCode {
-    let config = Config::from_lookup(&lps_common::config::ProcessEnv)
-        .unwrap_or_else(|e| lps_common::exit_on_config_error(&e));
-    lps_common::service::main(&config.telemetry.clone(), run(config))
+    lps_common::service::main_from_env(Config::from_lookup, |c| &c.telemetry, run)
 }

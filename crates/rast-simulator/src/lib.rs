@@ -38,7 +38,7 @@ use lps_common::config::{
 };
 use lps_common::metrics::version_label;
 use lps_common::request_id::REQUEST_ID;
-use lps_common::server::{Protocols, shutdown_on_signals};
+use lps_common::server::Protocols;
 use lps_common::telemetry::TelemetryConfig;
 use lps_common::{CancellationToken, Registry, finish_router, service};
 use rand::Rng;
@@ -272,8 +272,7 @@ pub async fn serve(
 
 /// Binds per `config` and [`serve`]s until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = service::bind(&config.server)?;
-    serve(config, listener, shutdown_on_signals()).await
+    service::bind_and_serve(config, |c| &c.server, serve).await
 }
 
 thread_local! {
