@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lps::stale::parent_of;
+use lps::stale::{environment, parent_of};
 use lps_common::config::{ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_SERVICE_NAME};
 use lps_testkit::eventually;
 use nix::sys::signal::Signal;
@@ -100,17 +100,6 @@ fn processes() -> Vec<i32> {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-fn environment(pid: i32, key: &str) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ.split(|&b| b == 0).find_map(|entry| {
-        let entry = std::str::from_utf8(entry).ok()?;
-        entry
-            .strip_prefix(key)?
-            .strip_prefix('=')
-            .map(str::to_owned)
-    })
 }
 
 /// Live processes marked as services of the `lps` with pid `supervisor`.
