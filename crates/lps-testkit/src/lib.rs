@@ -6,7 +6,8 @@
 //! - [`Recorder`]: a fake upstream that records every request (HTTP version, headers,
 //!   body) and answers with a chosen status after a chosen delay.
 //! - [`ChildService`]: a service binary started as a real process on an ephemeral port,
-//!   its address read from its `listening` log line, killed when dropped.
+//!   its address read from its `listening` log line, killed when dropped; [`exits_64`]:
+//!   a binary that refuses its configuration.
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping;
 //!   [`wait_ready`]: until a `/readyz` (or `/healthz`) answers 2xx; [`assert_never_ready`]:
 //!   it answers 503 all along.
@@ -509,6 +510,22 @@ impl Default for ClosedPort {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Runs `binary` with `args` and only `env`, in a temporary folder, and asserts that it
+/// refuses its configuration (exit code 64); what it wrote to stderr.
+pub async fn exits_64(binary: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let output = Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{binary}: {e}"));
+    assert_eq!(output.status.code(), Some(64));
+    String::from_utf8(output.stderr).expect("stderr in UTF-8")
 }
 
 /// A service binary running as a child process.
