@@ -14,7 +14,7 @@
 //! - [`collector`]: an MQTT subscriber that keeps what arrives.
 //! - [`post_ids`]: a load of requests, each with its own `Request-Id`.
 //! - [`log_lines`] counts the lines of a service's log file that contain a text.
-//! - [`scrape`] fetches a service's `/metrics`; [`metric`] reads one series of it by name
+//! - [`scrape`] fetches a service's `/metrics` ([`try_scrape`] when it may not answer); [`metric`] reads one series of it by name
 //!   and labels.
 //! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
 //!   ports, behind the [`Broker`] trait so a test can run against both.
@@ -352,6 +352,17 @@ pub async fn scrape(base: &str) -> String {
         "GET {base}{METRICS_PATH}"
     );
     response.text().await.expect("metrics text")
+}
+
+/// [`scrape`] for a service that may not answer (yet): the text of `GET {base}/metrics`
+/// whatever its status, `None` when no answer came.
+pub async fn try_scrape(base: &str) -> Option<String> {
+    let response = http1_client()
+        .get(format!("{base}{METRICS_PATH}"))
+        .send()
+        .await
+        .ok()?;
+    response.text().await.ok()
 }
 
 /// Waits until `GET url` (a `/readyz` or `/healthz`) answers 2xx, at most `within`.

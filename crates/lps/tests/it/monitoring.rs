@@ -377,14 +377,7 @@ async fn every_metric_the_dashboard_queries_is_exposed_by_a_service() {
     let scrape = || async {
         let mut samples: Vec<Sample> = Vec::new();
         for (name, url) in &http {
-            let text = client
-                .get(format!("{url}/metrics"))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let text = lps_testkit::try_scrape(url).await?;
             samples.extend(
                 text.lines()
                     .filter_map(sample)
