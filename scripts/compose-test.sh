@@ -67,7 +67,8 @@ esac
 started_at=$(date +%s)
 step() { printf '\n==> [%4ss] %s\n' "$(($(date +%s) - started_at))" "$*"; }
 die() { echo "compose-test: error: $*" >&2; exit 1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
 
 # The compose project: its own name, so that nothing of a user's `docker compose up` in this
 # folder is touched, and every container, network and volume carries this label.
@@ -90,15 +91,6 @@ took() { echo "$(($(date +%s) - check_started)) s"; }
 # ---------------------------------------------------------------------------------------
 # Packages
 # ---------------------------------------------------------------------------------------
-export DEBIAN_FRONTEND=noninteractive
-apt_updated=
-apt_install() {
-  if [ -z "$apt_updated" ]; then
-    as_root apt-get update -qq
-    apt_updated=1
-  fi
-  as_root apt-get install -y -qq "$@" >/dev/null
-}
 step "packages"
 missing=()
 command -v docker >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)

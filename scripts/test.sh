@@ -16,16 +16,8 @@ step() { printf '\n==> %s\n' "$*"; }
 # - kubectl, for the Kubernetes wiring test (`kubectl kustomize` renders deploy/k8s/; no
 #   cluster). Debian's kubernetes-client (1.20, kustomize v2.0.3) is enough: the overlays
 #   are written for it.
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-export DEBIAN_FRONTEND=noninteractive
-apt_updated=
-apt_install() {
-  if [ -z "$apt_updated" ]; then
-    as_root apt-get update -qq
-    apt_updated=1
-  fi
-  as_root apt-get install -y -qq "$@" >/dev/null
-}
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   step "installing mosquitto"
   # shellcheck source=/dev/null

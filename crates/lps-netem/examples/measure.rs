@@ -16,6 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+#[path = "../tests/it/pingpong.rs"]
+mod pingpong;
+
+use pingpong::ping_pongs;
+
 const LOCAL: &str = "127.0.0.1:0";
 
 #[tokio::main]
@@ -47,8 +52,7 @@ async fn main() {
 }
 
 async fn row(name: &str, echo: SocketAddr, sink: SocketAddr, received: &AtomicU64, clients: usize) {
-    let mut rtts = ping_pongs(echo, clients, 400 / clients).await;
-    rtts.sort_by(f64::total_cmp);
+    let rtts = ping_pongs(echo, clients, 400 / clients).await;
     let q = |q: f64| rtts[((rtts.len() - 1) as f64 * q).round() as usize];
     let rate = bulk(sink, received, Duration::from_secs(3)).await;
     println!(
@@ -63,31 +67,6 @@ async fn row(name: &str, echo: SocketAddr, sink: SocketAddr, received: &AtomicU6
             format!("{:.3} Mbit/s", rate * 8.0 / 1e6)
         }
     );
-}
-
-async fn ping_pongs(addr: SocketAddr, clients: usize, rounds: usize) -> Vec<f64> {
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut stream = TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (ping, mut pong) = ([7u8; 64], [0u8; 64]);
-                let mut rtts = Vec::new();
-                for _ in 0..rounds {
-                    let start = Instant::now();
-                    stream.write_all(&ping).await.unwrap();
-                    stream.read_exact(&mut pong).await.unwrap();
-                    rtts.push(start.elapsed().as_secs_f64() * 1e3);
-                }
-                rtts
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    all
 }
 
 /// Bytes per second the sink receives from one sender in the last two thirds of `span`.

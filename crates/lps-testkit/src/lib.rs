@@ -6,10 +6,15 @@
 //! - [`Recorder`]: a fake upstream that records every request (HTTP version, headers,
 //!   body) and answers with a chosen status after a chosen delay.
 //! - [`ChildService`]: a service binary started as a real process on an ephemeral port,
-//!   its address read from its `listening` log line, killed when dropped.
+//!   its address read from its `listening` log line, killed when dropped; [`exits_64`]:
+//!   a binary that refuses its configuration.
 //! - [`eventually`]: polls a condition against a deadline instead of sleeping;
-//!   [`wait_ready`]: until a `/readyz` (or `/healthz`) answers 2xx.
-//! - [`scrape`] fetches a service's `/metrics`; [`metric`] reads one series of it by name
+//!   [`wait_ready`]: until a `/readyz` (or `/healthz`) answers 2xx; [`assert_never_ready`]:
+//!   it answers 503 all along.
+//! - [`collector`]: an MQTT subscriber that keeps what arrives.
+//! - [`post_ids`]: a load of requests, each with its own `Request-Id`.
+//! - [`log_lines`] counts the lines of a service's log file that contain a text.
+//! - [`scrape`] fetches a service's `/metrics` ([`try_scrape`] when it may not answer); [`metric`] reads one series of it by name
 //!   and labels.
 //! - [`mosquitto::Mosquitto`] and [`embedded::Embedded`]: real MQTT brokers on ephemeral
 //!   ports, behind the [`Broker`] trait so a test can run against both.
@@ -42,6 +47,7 @@ pub trait Broker {
     }
 }
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -57,6 +63,7 @@ use http::{HeaderMap, StatusCode, Version};
 use lps_common::config::{
     ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_LOG_FORMAT, ENV_MQTT_HOST, ENV_MQTT_PORT,
 };
+use lps_common::mqtt::mqtt5::{Message, MqttClient, QoS, SubscribeOptions};
 use lps_common::server::{self, Protocols};
 use lps_common::wire::METRICS_PATH;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -347,6 +354,17 @@ pub async fn scrape(base: &str) -> String {
     response.text().await.expect("metrics text")
 }
 
+/// [`scrape`] for a service that may not answer (yet): the text of `GET {base}/metrics`
+/// whatever its status, `None` when no answer came.
+pub async fn try_scrape(base: &str) -> Option<String> {
+    let response = http1_client()
+        .get(format!("{base}{METRICS_PATH}"))
+        .send()
+        .await
+        .ok()?;
+    response.text().await.ok()
+}
+
 /// Waits until `GET url` (a `/readyz` or `/healthz`) answers 2xx, at most `within`.
 pub async fn wait_ready(url: &str, within: Duration) {
     eventually(&format!("{url} ready"), within, || async {
@@ -366,6 +384,103 @@ where
         Some(value) => value,
         None => panic!("timed out after {within:?} waiting for {what}"),
     }
+}
+
+/// A plain MQTT client of `broker` subscribed to `filter` at QoS 2, collecting what `keep`
+/// makes of each message that arrives (nothing where it gives `None`). Its client id is
+/// `collector-<a free port>`, so that collectors never take over each other's session.
+pub async fn collector<T, F>(
+    broker: &dyn Broker,
+    filter: &str,
+    keep: F,
+) -> (MqttClient, Arc<Mutex<Vec<T>>>)
+where
+    T: Send + 'static,
+    F: Fn(Message) -> Option<T> + Send + Sync + 'static,
+{
+    let client = MqttClient::new(format!("collector-{}", lps_common::net::free_port()));
+    client
+        .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
+        .await
+        .expect("the collector connects");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let options = SubscribeOptions {
+        qos: QoS::ExactlyOnce,
+        ..SubscribeOptions::default()
+    };
+    client
+        .subscribe_with_options(filter, options, move |m| {
+            if let Some(kept) = keep(m) {
+                sink.lock().unwrap().push(kept);
+            }
+        })
+        .await
+        .expect("the collector subscribes");
+    (client, seen)
+}
+
+/// The ids answered 200 among `results` (as [`post_ids`] gives them).
+pub fn ok_ids(results: &[(String, Option<StatusCode>)]) -> BTreeSet<String> {
+    results
+        .iter()
+        .filter(|(_, s)| *s == Some(StatusCode::OK))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Posts `body` to each `(url, id)` of `requests`, the id as its `Request-Id`,
+/// `concurrency` at a time over one HTTP/1.1 client: each id with the status of its answer
+/// (`None` when no answer came), in the order the answers came.
+pub async fn post_ids(
+    requests: impl IntoIterator<Item = (String, String)>,
+    body: String,
+    concurrency: usize,
+) -> Vec<(String, Option<StatusCode>)> {
+    use futures_util::StreamExt;
+    let client = http1_client();
+    futures_util::stream::iter(requests)
+        .map(|(url, id)| {
+            let request = client
+                .post(url)
+                .header("Request-Id", &id)
+                .body(body.clone());
+            async move {
+                let status = request.send().await.ok().map(|r| r.status());
+                (id, status)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// Asserts that `GET url` (a `/readyz`) answers 503 for all of `during`, asking every
+/// 100 ms; `each` runs after each answer (for more checks of the service while it is not
+/// ready).
+pub async fn assert_never_ready<F, Fut>(url: &str, during: Duration, mut each: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let client = http1_client();
+    let started = std::time::Instant::now();
+    while started.elapsed() < during {
+        let status = client.get(url).send().await.unwrap().status();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never ready");
+        each().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Lines of a service's JSON log file (`<dir>/<service>.log`, none when it is missing)
+/// containing `text`.
+pub fn log_lines(dir: &Path, service: &str, text: &str) -> usize {
+    std::fs::read_to_string(dir.join(format!("{service}.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
 }
 
 /// A loopback port where connections are refused, reserved while this lives: the socket
@@ -408,6 +523,22 @@ impl Default for ClosedPort {
     }
 }
 
+/// Runs `binary` with `args` and only `env`, in a temporary folder, and asserts that it
+/// refuses its configuration (exit code 64); what it wrote to stderr.
+pub async fn exits_64(binary: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let output = Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{binary}: {e}"));
+    assert_eq!(output.status.code(), Some(64));
+    String::from_utf8(output.stderr).expect("stderr in UTF-8")
+}
+
 /// A service binary running as a child process.
 pub struct ChildService {
     /// Where it listens.
@@ -420,6 +551,20 @@ impl ChildService {
     /// `dir` unless given) and waits for its `listening` line.
     pub async fn start(binary: &Path, env: &[(&str, &str)], dir: &Path) -> anyhow::Result<Self> {
         Self::start_with_args(binary, &[], env, dir).await
+    }
+
+    /// [`ChildService::start`] as a client of `broker`: its `MQTT_HOST`/`MQTT_PORT`, then
+    /// `env`.
+    pub async fn start_with_broker(
+        binary: &Path,
+        broker: &dyn Broker,
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let broker_env = broker.env();
+        let mut all: Vec<(&str, &str)> = broker_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(env);
+        Self::start(binary, &all, dir).await
     }
 
     /// [`ChildService::start`] with command-line `args`, e.g. `lps service legacy-proxy-1`
@@ -493,6 +638,32 @@ impl ChildService {
     /// Kills the process with SIGKILL and waits for it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Waits (20 s at most) for this service, displaced by a second instance with its MQTT
+    /// client id, to exit, and asserts that it exits with the takeover code
+    /// ([`lps_common::mqtt::EXIT_SESSION_TAKEN_OVER`]); when it does not exit, panics showing
+    /// `log()`.
+    pub async fn assert_displaced(&mut self, log: impl FnOnce() -> String) {
+        let started = std::time::Instant::now();
+        let status = self
+            .wait(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the displaced instance did not exit: {e}; its log ends:\n{}",
+                    log()
+                )
+            });
+        println!(
+            "the displaced instance exited after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            status.code(),
+            Some(i32::from(lps_common::mqtt::EXIT_SESSION_TAKEN_OVER)),
+            "the displaced instance exits with the takeover code"
+        );
     }
 
     /// Waits for the process to exit, at most `within`.

@@ -277,8 +277,8 @@ async fn read_packet(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Resul
 /// Largest value of a variable byte integer (§1.5.5).
 const VARINT_MAX: usize = 268_435_455;
 
-/// Appends `value` as a variable byte integer (§1.5.5).
-fn encode_varint(mut value: usize, out: &mut Vec<u8>) {
+/// Appends `value` as a variable byte integer (§1.5.5); panics when it does not fit one.
+pub fn encode_varint(mut value: usize, out: &mut Vec<u8>) {
     assert!(
         value <= VARINT_MAX,
         "{value} does not fit a variable byte integer"

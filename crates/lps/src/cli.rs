@@ -689,40 +689,30 @@ pub fn fault(args: FaultArgs) -> ExitCode {
 
 /// `lps bench`: measures every hop next to its ceiling.
 pub fn bench(args: BenchArgs) -> ExitCode {
-    let BenchArgs {
-        scenarios,
-        duration,
-        warmup,
-        connections,
-        sizes,
-        curve,
-        held,
-        broker,
-        drain_timeout,
-        rounds,
-        out,
-    } = args;
     block_on_stoppable(|stop| async move {
+        let scenarios = if args.scenarios.is_empty() {
+            <Scenario as clap::ValueEnum>::value_variants()
+                .iter()
+                .copied()
+                .filter(|s| *s != Scenario::Edge)
+                .collect()
+        } else {
+            args.scenarios
+        };
         let options = BenchOptions {
-            scenarios: if scenarios.is_empty() {
-                <Scenario as clap::ValueEnum>::value_variants()
-                    .iter()
-                    .copied()
-                    .filter(|s| *s != Scenario::Edge)
-                    .collect()
-            } else {
-                scenarios
-            },
-            duration,
-            warmup,
-            connections,
-            sizes,
-            curve,
-            held,
-            broker,
-            drain_timeout,
-            out: out.unwrap_or_else(|| crate::up::default_run_dir("bench")),
-            rounds,
+            scenarios,
+            duration: args.duration,
+            warmup: args.warmup,
+            connections: args.connections,
+            sizes: args.sizes,
+            curve: args.curve,
+            held: args.held,
+            broker: args.broker,
+            drain_timeout: args.drain_timeout,
+            out: args
+                .out
+                .unwrap_or_else(|| crate::up::default_run_dir("bench")),
+            rounds: args.rounds,
         };
         let report = crate::bench::run(&options, &stop).await?;
         println!("{}", crate::bench::table(&report));

@@ -835,18 +835,7 @@ mod tests {
     #[test]
     fn compose_endpoints_are_the_spec_names_on_the_host_ports() {
         let legacy = Endpoints::compose(Topology::Legacy);
-        assert_eq!(
-            legacy.names,
-            [
-                "ars-comp-3",
-                "ars-comp-2-1",
-                "ars-comp-2-2",
-                "ars-comp-2-3",
-                "ars-comp-1-1",
-                "ars-comp-1-2",
-                "ars-comp-1-3"
-            ]
-        );
+        assert_eq!(legacy.names, crate::topology::LEGACY_SERVICES);
         assert_eq!(
             legacy.entries,
             [

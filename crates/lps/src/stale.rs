@@ -47,15 +47,7 @@ impl Process {
             .map(|part| String::from_utf8_lossy(part).into_owned())
             .collect();
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let env = |key: &str| {
-            environ.split(|&b| b == 0).find_map(|entry| {
-                let entry = std::str::from_utf8(entry).ok()?;
-                entry
-                    .strip_prefix(key)?
-                    .strip_prefix('=')
-                    .map(str::to_owned)
-            })
-        };
+        let env = |key: &str| variable(&environ, key);
         Some(Self {
             pid,
             parent: parent_of(pid)?,
@@ -96,6 +88,23 @@ impl Process {
             }
         }
     }
+}
+
+/// The variable `key` of `pid`'s environment, from `/proc/<pid>/environ`.
+pub fn environment(pid: i32, key: &str) -> Option<String> {
+    variable(&std::fs::read(format!("/proc/{pid}/environ")).ok()?, key)
+}
+
+/// The variable `key` of an environment as `/proc/<pid>/environ` holds it (`KEY=value`
+/// entries, each ended by a NUL).
+fn variable(environ: &[u8], key: &str) -> Option<String> {
+    environ.split(|&b| b == 0).find_map(|entry| {
+        let entry = std::str::from_utf8(entry).ok()?;
+        entry
+            .strip_prefix(key)?
+            .strip_prefix('=')
+            .map(str::to_owned)
+    })
 }
 
 /// The parent of `pid` from `/proc/<pid>/stat`; a zombie counts as gone.

@@ -396,6 +396,18 @@ fn edge(
     )
 }
 
+/// The services of the legacy topology, in the order they start (the last hop first).
+#[cfg(test)]
+pub(crate) const LEGACY_SERVICES: [&str; 7] = [
+    "ars-comp-3",
+    "ars-comp-2-1",
+    "ars-comp-2-2",
+    "ars-comp-2-3",
+    "ars-comp-1-1",
+    "ars-comp-1-2",
+    "ars-comp-1-3",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,18 +427,7 @@ mod tests {
     fn legacy_wiring_matches_compose() {
         let specs = services(Topology::Legacy, &Options::default(), None);
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "ars-comp-3",
-                "ars-comp-2-1",
-                "ars-comp-2-2",
-                "ars-comp-2-3",
-                "ars-comp-1-1",
-                "ars-comp-1-2",
-                "ars-comp-1-3"
-            ]
-        );
+        assert_eq!(names, LEGACY_SERVICES);
         assert_eq!(specs[5].port, 7082);
         assert_eq!(
             env(&specs[5], ENV_TARGET_URL),

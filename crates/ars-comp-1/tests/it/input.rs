@@ -28,6 +28,21 @@ fn alarm() -> Value {
     json!({"phone": "015142611148", "branch": "2001", "headnumber": "8023", "triggertime": "2025-01-31T12:00:00Z"})
 }
 
+/// Posts the alarm without a `Request-Id` to an ars-comp-1 (HTTP/1.1) in front of a server
+/// of `recorder`: the answer's status, headers and body.
+async fn alarm_without_id(recorder: &Recorder) -> (StatusCode, http::HeaderMap, Vec<u8>) {
+    let next = TestServer::start(recorder.router()).await;
+    let ac1 = entry(&next.url("/x"), false).await;
+    let response = http1_client()
+        .post(ac1.url(SIMPLE_PATH))
+        .body(alarm().to_string())
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
 #[tokio::test]
 async fn json_body_and_query_parameters_both_forward_the_same_message() {
     let recorder = Recorder::new();
@@ -77,19 +92,9 @@ async fn json_body_and_query_parameters_both_forward_the_same_message() {
 #[tokio::test]
 async fn a_missing_request_id_is_generated() {
     let recorder = Recorder::new();
-    let next = TestServer::start(recorder.router()).await;
-    let ac1 = entry(&next.url("/x"), false).await;
-    let response = http1_client()
-        .post(ac1.url(SIMPLE_PATH))
-        .body(alarm().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let echoed = response.headers()["request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (status, headers, _) = alarm_without_id(&recorder).await;
+    assert_eq!(status, StatusCode::OK);
+    let echoed = headers["request-id"].to_str().unwrap().to_owned();
     let forwarded = recorder.requests()[0]
         .header("request-id")
         .unwrap()
@@ -226,15 +231,8 @@ async fn downstream_failures_are_reported_as_json_5xx() {
 
     let recorder = Recorder::new();
     recorder.respond(500, Duration::ZERO);
-    let next = TestServer::start(recorder.router()).await;
-    let ac1 = entry(&next.url("/x"), false).await;
-    let response = http1_client()
-        .post(ac1.url(SIMPLE_PATH))
-        .body(alarm().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    let (status, _, body) = alarm_without_id(&recorder).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let body: Value = serde_json::from_slice(&body).unwrap();
     assert!(body["message"].as_str().unwrap().contains("500"), "{body}");
 }

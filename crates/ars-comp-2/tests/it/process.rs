@@ -6,37 +6,21 @@ use std::time::Duration;
 use http::StatusCode;
 use lps_common::config::{ENV_HTTP_PORT, ENV_SERVICE_NAME, ENV_TARGET_URL};
 use lps_common::wire::STORE_PATH;
-use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
+use lps_testkit::{ChildService, Recorder, TestServer, eventually, exits_64, http1_client};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ars-comp-2");
 
 #[tokio::test]
 async fn invalid_configuration_exits_64_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(BINARY)
-        .env_clear()
-        .env(ENV_HTTP_PORT, "http")
-        .current_dir(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stderr = exits_64(BINARY, &[], &[(ENV_HTTP_PORT, "http")]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("HTTP_PORT=\"http\"") && stderr.contains("expected"),
         "{stderr}"
     );
 
-    let output = tokio::process::Command::new(BINARY)
-        .env_clear()
-        .env(ENV_TARGET_URL, "localhost:1337")
-        .current_dir(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&output.stderr).contains(ENV_TARGET_URL));
+    let stderr = exits_64(BINARY, &[], &[(ENV_TARGET_URL, "localhost:1337")]).await;
+    assert!(stderr.contains(ENV_TARGET_URL));
 }
 
 #[tokio::test]

@@ -9,17 +9,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use http::StatusCode;
 use lps_common::config::{
     ENV_MAX_PAYLOAD_BYTES, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECONNECT_MAX_MS,
     ENV_SERVICE_NAME, ENV_SHUTDOWN_GRACE_SECS, ENV_SUBSCRIBER_PROBE, ENV_TARGET_URL,
 };
-use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
-use lps_common::net::free_port;
+use lps_common::mqtt::mqtt5::MqttClient;
 use lps_common::wire::READYZ_PATH;
 use lps_testkit::mosquitto::Mosquitto;
-use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client};
+use lps_testkit::{ChildService, Recorder, TestServer, eventually, http1_client, ok_ids};
 
 const PATH: &str = lps_common::wire::STORE_PATH;
 
@@ -42,31 +40,11 @@ async fn lp1(broker_port: u16, extra: &[(&str, &str)]) -> Lp1 {
 
 /// A plain (non-shared) subscriber to `topic` recording each message's request id.
 async fn collector(broker: &Mosquitto, topic: &str) -> (MqttClient, Arc<Mutex<Vec<String>>>) {
-    let client = MqttClient::new(format!("collector-{}", free_port()));
-    client
-        .connect(&format!("mqtt://127.0.0.1:{}", broker.port))
-        .await
-        .unwrap();
-    let ids = Arc::new(Mutex::new(Vec::new()));
-    let sink = ids.clone();
-    client
-        .subscribe_with_options(
-            topic,
-            SubscribeOptions {
-                qos: QoS::ExactlyOnce,
-                ..SubscribeOptions::default()
-            },
-            move |m| {
-                let value: serde_json::Value =
-                    serde_json::from_slice(&m.payload).unwrap_or_default();
-                if let Some(id) = value["request_id"].as_str() {
-                    sink.lock().unwrap().push(id.to_owned());
-                }
-            },
-        )
-        .await
-        .unwrap();
-    (client, ids)
+    lps_testkit::collector(broker, topic, |m| {
+        let value: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        value["request_id"].as_str().map(str::to_owned)
+    })
+    .await
 }
 
 async fn post(url: &str, id: &str) -> reqwest::Response {
@@ -77,6 +55,36 @@ async fn post(url: &str, id: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
+}
+
+/// Posts each id to `url`, `concurrency` at a time; `None` when no answer came (the server
+/// had stopped).
+async fn send(
+    url: String,
+    ids: Vec<String>,
+    concurrency: usize,
+) -> Vec<(String, Option<StatusCode>)> {
+    let requests = ids.into_iter().map(move |id| (url.clone(), id));
+    let body = r#"{"id":"070010","body":"alarm"}"#.to_owned();
+    lps_testkit::post_ids(requests, body, concurrency).await
+}
+
+/// legacy-proxy-1 `proxy1-1` as a process against `broker`, its log in `dir`, without the
+/// subscriber probe; `extra` added to its environment.
+async fn lp1_process(broker: &Mosquitto, dir: &Path, extra: &[(&str, &str)]) -> ChildService {
+    let mut env = vec![
+        (ENV_SERVICE_NAME, "proxy1-1"),
+        (ENV_SUBSCRIBER_PROBE, "false"),
+    ];
+    env.extend_from_slice(extra);
+    ChildService::start_with_broker(
+        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1")),
+        broker,
+        &env,
+        dir,
+    )
+    .await
+    .unwrap()
 }
 
 async fn admitting(server: &TestServer) {
@@ -171,24 +179,14 @@ async fn with_upstreams_broker_settings_no_acknowledged_request_is_lost() {
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let lp1 = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
     admitting(&lp1).await;
-    let url = lp1.url(PATH);
-    let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(1..=300)
-        .map(|i| {
-            let url = url.clone();
-            async move {
-                let id = (60_000 + i).to_string();
-                let status = post(&url, &id).await.status();
-                (id, status)
-            }
-        })
-        .buffer_unordered(100)
-        .collect()
-        .await;
-    let acknowledged: BTreeSet<String> = statuses
-        .iter()
-        .filter(|(_, s)| *s == StatusCode::OK)
-        .map(|(id, _)| id.clone())
-        .collect();
+    let ids = (60_001..=60_300).map(|i| i.to_string()).collect();
+    let statuses = send(lp1.url(PATH), ids, 100).await;
+    let unanswered: Vec<_> = statuses.iter().filter(|(_, s)| s.is_none()).collect();
+    assert!(
+        unanswered.is_empty(),
+        "every request answered: {unanswered:?}"
+    );
+    let acknowledged = ok_ids(&statuses);
     let refused = statuses.len() - acknowledged.len();
     let delivered = eventually(
         "acknowledged messages at the subscriber",
@@ -221,41 +219,13 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
     let broker = Mosquitto::start().await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = broker.port.to_string();
-    let mut service = ChildService::start(
-        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1")),
-        &[
-            (ENV_MQTT_HOST, "127.0.0.1"),
-            (ENV_MQTT_PORT, &port),
-            (ENV_SERVICE_NAME, "proxy1-1"),
-            (ENV_SUBSCRIBER_PROBE, "false"),
-        ],
-        dir.path(),
-    )
-    .await
-    .unwrap();
-    let url = service.url(PATH);
+    let mut service = lp1_process(&broker, dir.path(), &[]).await;
     lps_testkit::wait_ready(&service.url(READYZ_PATH), Duration::from_secs(20)).await;
-    let load = tokio::spawn(async move {
-        futures_util::stream::iter(1..=2000)
-            .map(|i| {
-                let url = url.clone();
-                async move {
-                    let id = (70_000 + i).to_string();
-                    let status = http1_client()
-                        .post(url)
-                        .header("Request-Id", &id)
-                        .body(r#"{"id":"070010","body":"alarm"}"#)
-                        .send()
-                        .await
-                        .map(|r| r.status());
-                    (id, status)
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-    });
+    let load = tokio::spawn(send(
+        service.url(PATH),
+        (70_001..=72_000).map(|i| i.to_string()).collect(),
+        16,
+    ));
     eventually("some published", Duration::from_secs(10), || {
         let n = seen.lock().unwrap().len();
         async move { (n >= 100).then_some(()) }
@@ -265,11 +235,7 @@ async fn sigterm_under_load_answers_what_it_took_and_loses_nothing() {
     let status = service.wait(Duration::from_secs(20)).await.unwrap();
     assert_eq!(status.code(), Some(0));
     let results = load.await.unwrap();
-    let acknowledged: BTreeSet<String> = results
-        .iter()
-        .filter(|(_, s)| matches!(s, Ok(s) if *s == StatusCode::OK))
-        .map(|(id, _)| id.clone())
-        .collect();
+    let acknowledged = ok_ids(&results);
     assert!(acknowledged.len() >= 100);
     let seen_now: BTreeSet<String> = seen.lock().unwrap().iter().cloned().collect();
     let missing: Vec<_> = acknowledged.difference(&seen_now).collect();

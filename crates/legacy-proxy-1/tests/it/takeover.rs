@@ -7,65 +7,15 @@
 //! nothing published, one log line per check.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::StreamExt;
 use http::StatusCode;
-use lps_common::config::{
-    ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECONNECT_MAX_MS, ENV_SERVICE_NAME, ENV_SUBSCRIBER_PROBE,
-};
-use lps_common::mqtt::EXIT_SESSION_TAKEN_OVER;
+use lps_common::config::{ENV_MQTT_RECONNECT_MAX_MS, ENV_SUBSCRIBER_PROBE};
 use lps_common::wire::READYZ_PATH;
 use lps_testkit::mosquitto::Mosquitto;
-use lps_testkit::{ChildService, eventually, http1_client};
+use lps_testkit::{assert_never_ready, eventually, http1_client, log_lines, ok_ids};
 
-use super::{PATH, admitting, collector, lp1};
-
-/// Lines of a service's JSON log file containing `text`.
-fn log_lines(dir: &Path, service: &str, text: &str) -> usize {
-    std::fs::read_to_string(dir.join(format!("{service}.log")))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(text))
-        .count()
-}
-
-/// Posts each id to `url`, `concurrency` at a time; `None` when no answer came (the server
-/// had stopped).
-async fn send(
-    url: String,
-    ids: Vec<String>,
-    concurrency: usize,
-) -> Vec<(String, Option<StatusCode>)> {
-    let client = http1_client();
-    futures_util::stream::iter(ids)
-        .map(|id| {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                let status = client
-                    .post(url)
-                    .header("Request-Id", &id)
-                    .body(r#"{"id":"070010","body":"alarm"}"#)
-                    .send()
-                    .await
-                    .ok()
-                    .map(|r| r.status());
-                (id, status)
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await
-}
-
-fn ok(results: &[(String, Option<StatusCode>)]) -> BTreeSet<String> {
-    results
-        .iter()
-        .filter(|(_, s)| *s == Some(StatusCode::OK))
-        .map(|(id, _)| id.clone())
-        .collect()
-}
+use super::{PATH, admitting, collector, lp1, lp1_process, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code_3_and_nothing_acknowledged_is_lost()
@@ -73,19 +23,7 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
     let broker = Mosquitto::start().await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = broker.port.to_string();
-    let mut first = ChildService::start(
-        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1")),
-        &[
-            (ENV_MQTT_HOST, "127.0.0.1"),
-            (ENV_MQTT_PORT, &port),
-            (ENV_SERVICE_NAME, "proxy1-1"),
-            (ENV_SUBSCRIBER_PROBE, "false"),
-        ],
-        dir.path(),
-    )
-    .await
-    .unwrap();
+    let mut first = lp1_process(&broker, dir.path(), &[]).await;
     lps_testkit::wait_ready(&first.url(READYZ_PATH), Duration::from_secs(20)).await;
     let load = tokio::spawn(send(
         first.url(PATH),
@@ -100,33 +38,19 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
 
     // The second instance, same SERVICE_NAME, while the first has publishes in flight.
     let second = lp1(broker.port, &[(ENV_SUBSCRIBER_PROBE, "false")]).await;
-    let started = Instant::now();
-    let status = first
-        .wait(Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|e| {
+    first
+        .assert_displaced(|| {
             let log = std::fs::read_to_string(dir.path().join("proxy1-1.log")).unwrap_or_default();
             let tail: Vec<&str> = log
                 .lines()
                 .filter(|l| !l.contains("not published"))
                 .take(60)
                 .collect();
-            panic!(
-                "the displaced instance did not exit: {e}; its log ends:\n{}",
-                tail.join("\n")
-            )
-        });
-    println!(
-        "the displaced instance exited after {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        status.code(),
-        Some(i32::from(EXIT_SESSION_TAKEN_OVER)),
-        "the displaced instance exits with the takeover code"
-    );
+            tail.join("\n")
+        })
+        .await;
     let results = load.await.unwrap();
-    let acknowledged = ok(&results);
+    let acknowledged = ok_ids(&results);
     let refused = results
         .iter()
         .filter(|(_, s)| *s == Some(StatusCode::SERVICE_UNAVAILABLE))
@@ -145,12 +69,14 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
 
     // The second instance carries on.
     admitting(&second).await;
-    let after = ok(&send(
-        second.url(PATH),
-        (200_000..200_100).map(|i| i.to_string()).collect(),
-        16,
-    )
-    .await);
+    let after = ok_ids(
+        &send(
+            second.url(PATH),
+            (200_000..200_100).map(|i| i.to_string()).collect(),
+            16,
+        )
+        .await,
+    );
     assert_eq!(after.len(), 100, "the new owner answers 200");
     let expected: BTreeSet<String> = acknowledged.union(&after).cloned().collect();
     let counts = eventually(
@@ -199,39 +125,20 @@ async fn a_broker_without_qos_2_is_refused() {
     let broker = Mosquitto::start_with(&["max_qos 1"]).await;
     let (_c, seen) = collector(&broker, "proxy1/message").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = broker.port.to_string();
-    let service = ChildService::start(
-        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-1")),
-        &[
-            (ENV_MQTT_HOST, "127.0.0.1"),
-            (ENV_MQTT_PORT, &port),
-            (ENV_SERVICE_NAME, "proxy1-1"),
-            (ENV_SUBSCRIBER_PROBE, "false"),
-            (ENV_MQTT_RECONNECT_MAX_MS, "500"),
-        ],
-        dir.path(),
-    )
-    .await
-    .unwrap();
+    let service = lp1_process(&broker, dir.path(), &[(ENV_MQTT_RECONNECT_MAX_MS, "500")]).await;
     let client = http1_client();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
-        let ready = client.get(service.url(READYZ_PATH)).send().await.unwrap();
-        assert_eq!(
-            ready.status(),
-            StatusCode::SERVICE_UNAVAILABLE,
-            "never ready"
-        );
+    let (ready, path) = (service.url(READYZ_PATH), service.url(PATH));
+    assert_never_ready(&ready, Duration::from_secs(3), || async {
         let response = client
-            .post(service.url(PATH))
+            .post(&path)
             .header("Request-Id", "1")
             .body(r#"{"id":"070010","body":"alarm"}"#)
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(seen.lock().unwrap().is_empty(), "nothing published");
     let lines = log_lines(dir.path(), "proxy1-1", "\"capability\":\"qos2\"");
     println!("qos2: {lines} refusal lines in 3 s");

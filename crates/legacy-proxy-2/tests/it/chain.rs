@@ -6,13 +6,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ars_comp_1::SIMPLE_PATH;
-use futures_util::StreamExt;
 use http::StatusCode;
 use lps_common::config::ENV_USE_HTTP_2;
 use lps_common::wire::STORE_PATH;
 use lps_testkit::embedded::Embedded;
 use lps_testkit::mosquitto::Mosquitto;
-use lps_testkit::{Broker, eventually, http1_client};
+use lps_testkit::{Broker, eventually, ok_ids, post_ids};
 use rast_simulator::model::Model;
 
 use crate::harness::{self, Simulator};
@@ -59,36 +58,14 @@ async fn chain(broker: &dyn Broker) {
     }
     harness::ready(&lp2s.iter().chain(&lp1s).collect::<Vec<_>>()).await;
 
-    let client = http1_client();
-    let ids: Vec<String> = (1..=1000).map(|i| (10_000 + i).to_string()).collect();
-    let statuses: Vec<(String, StatusCode)> = futures_util::stream::iter(ids.iter().enumerate())
-        .map(|(i, id)| {
-            let url = entries[i % 3].url(SIMPLE_PATH);
-            let client = client.clone();
-            async move {
-                let response = client
-                    .post(url)
-                    .header("Request-Id", id)
-                    .body(harness::alarm())
-                    .send()
-                    .await
-                    .unwrap();
-                (id.clone(), response.status())
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let acknowledged: BTreeSet<String> = statuses
-        .iter()
-        .filter(|(_, s)| *s == StatusCode::OK)
-        .map(|(id, _)| id.clone())
-        .collect();
+    let requests = (0..1000).map(|i| (entries[i % 3].url(SIMPLE_PATH), (10_001 + i).to_string()));
+    let statuses = post_ids(requests, harness::alarm(), 32).await;
+    let acknowledged = ok_ids(&statuses);
     assert_eq!(
         acknowledged.len(),
         1000,
         "every request acknowledged: {:?}",
-        statuses.iter().find(|(_, s)| *s != StatusCode::OK)
+        statuses.iter().find(|(_, s)| *s != Some(StatusCode::OK))
     );
 
     let arrivals = eventually("all 1000 at the simulator", Duration::from_secs(30), || {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use lps_common::config::{
     ENV_LOG_DIR, ENV_MQTT_TOPIC, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_TARGET_URL,
 };
-use lps_common::mqtt::mqtt5::{MqttClient, QoS, SubscribeOptions};
+use lps_common::mqtt::mqtt5::MqttClient;
 use lps_common::wire::READYZ_PATH;
 use lps_testkit::{Broker, TestServer};
 use rast_simulator::journal;
@@ -148,27 +148,7 @@ pub async fn collect(
     MqttClient,
     Arc<std::sync::Mutex<Vec<lps_common::mqtt::mqtt5::Message>>>,
 ) {
-    let client = MqttClient::new(format!("collector-{}", lps_common::net::free_port()));
-    client
-        .connect(&format!("mqtt://127.0.0.1:{}", broker.port()))
-        .await
-        .unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    client
-        .subscribe_with_options(
-            filter,
-            SubscribeOptions {
-                qos: QoS::ExactlyOnce,
-                ..SubscribeOptions::default()
-            },
-            move |m| {
-                sink.lock().unwrap().push(m);
-            },
-        )
-        .await
-        .unwrap();
-    (client, seen)
+    lps_testkit::collector(broker, filter, Some).await
 }
 
 /// A raw MQTT publisher.
@@ -205,26 +185,12 @@ pub async fn send(
     ids: impl IntoIterator<Item = String>,
     concurrency: usize,
 ) -> Vec<(String, http::StatusCode)> {
-    use futures_util::StreamExt;
-    let client = lps_testkit::http1_client();
-    futures_util::stream::iter(ids)
-        .map(|id| {
-            let client = client.clone();
-            let url = url.to_owned();
-            async move {
-                let status = client
-                    .post(url)
-                    .header("Request-Id", &id)
-                    .body(message())
-                    .send()
-                    .await
-                    .map_or(http::StatusCode::BAD_GATEWAY, |r| r.status());
-                (id, status)
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
+    let requests = ids.into_iter().map(|id| (url.to_owned(), id));
+    lps_testkit::post_ids(requests, message(), concurrency)
         .await
+        .into_iter()
+        .map(|(id, status)| (id, status.unwrap_or(http::StatusCode::BAD_GATEWAY)))
+        .collect()
 }
 
 /// The ids answered 200.

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -19,14 +19,15 @@ use axum::routing::post;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use lps_common::config::{
-    ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_RECEIVE_MAXIMUM, ENV_MQTT_RECONNECT_MAX_MS,
-    ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME, ENV_TARGET_URL,
+    ENV_MQTT_RECEIVE_MAXIMUM, ENV_MQTT_RECONNECT_MAX_MS, ENV_RETRY_BACKOFF_MS, ENV_SERVICE_NAME,
+    ENV_TARGET_URL,
 };
-use lps_common::mqtt::EXIT_SESSION_TAKEN_OVER;
 use lps_common::wire::{READYZ_PATH, STORE_PATH};
 use lps_testkit::embedded::Limited;
 use lps_testkit::mosquitto::Mosquitto;
-use lps_testkit::{Broker, ChildService, TestServer, eventually, http1_client};
+use lps_testkit::{
+    Broker, ChildService, TestServer, assert_never_ready, eventually, http1_client, log_lines,
+};
 use rast_simulator::model::Model;
 use tokio::sync::watch;
 
@@ -91,15 +92,6 @@ fn connections(broker: &Mosquitto, client_id: &str) -> usize {
     broker.log().matches(&format!(" as {client_id} (")).count()
 }
 
-/// Lines of a service's JSON log file containing `text`.
-fn log_lines(dir: &Path, service: &str, text: &str) -> usize {
-    std::fs::read_to_string(dir.join(format!("{service}.log")))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(text))
-        .count()
-}
-
 fn ids(range: std::ops::Range<u64>) -> Vec<String> {
     range.map(|i| i.to_string()).collect()
 }
@@ -125,22 +117,17 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
 
     // The first instance, as a process: its exit code and log are what is checked.
     let dir = tempfile::tempdir().unwrap();
-    let port = broker.port.to_string();
     let window = WINDOW.to_string();
-    let mut first = ChildService::start(
-        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-2")),
+    let mut first = lp2_process(
+        &broker,
+        dir.path(),
         &[
-            (ENV_MQTT_HOST, "127.0.0.1"),
-            (ENV_MQTT_PORT, &port),
-            (ENV_SERVICE_NAME, "proxy2-1"),
             (ENV_TARGET_URL, &target),
             (ENV_MQTT_RECEIVE_MAXIMUM, &window),
             (ENV_RETRY_BACKOFF_MS, "50"),
         ],
-        dir.path(),
     )
-    .await
-    .unwrap();
+    .await;
     lps_testkit::wait_ready(&first.url(READYZ_PATH), Duration::from_secs(20)).await;
     let lp1 = harness::lp1(&broker, "proxy1-1", "proxy1/message", &[]).await;
     harness::ready(&[&lp1]).await;
@@ -178,17 +165,11 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
         &[(ENV_MQTT_RECEIVE_MAXIMUM, &window)],
     )
     .await;
-    let started = Instant::now();
-    let status = first.wait(Duration::from_secs(20)).await.unwrap();
-    println!(
-        "the displaced instance exited after {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        status.code(),
-        Some(i32::from(EXIT_SESSION_TAKEN_OVER)),
-        "the displaced instance exits with the takeover code"
-    );
+    first
+        .assert_displaced(|| {
+            std::fs::read_to_string(dir.path().join("proxy2-1.log")).unwrap_or_default()
+        })
+        .await;
     gate_state.hold.send_replace(false);
     harness::ready(&[&second]).await;
 
@@ -241,36 +222,40 @@ async fn a_second_instance_with_the_same_id_takes_over_the_first_stops_with_code
     second.stop().await;
 }
 
+/// legacy-proxy-2 `proxy2-1` as a process against `broker`, its log in `dir`; `env` added
+/// to its environment.
+async fn lp2_process(broker: &dyn Broker, dir: &Path, env: &[(&str, &str)]) -> ChildService {
+    let mut all = vec![(ENV_SERVICE_NAME, "proxy2-1")];
+    all.extend_from_slice(env);
+    ChildService::start_with_broker(
+        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-2")),
+        broker,
+        &all,
+        dir,
+    )
+    .await
+    .unwrap()
+}
+
 /// Starts legacy-proxy-2 as a process against `broker` and asserts it stays not ready,
 /// saying why (`capability`) once per check, checks spaced by the longest reconnect delay.
 async fn refused(broker: &dyn Broker, capability: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let port = broker.port().to_string();
-    let service = ChildService::start(
-        Path::new(env!("CARGO_BIN_EXE_legacy-proxy-2")),
+    let service = lp2_process(
+        broker,
+        dir.path(),
         &[
-            (ENV_MQTT_HOST, "127.0.0.1"),
-            (ENV_MQTT_PORT, &port),
-            (ENV_SERVICE_NAME, "proxy2-1"),
             (ENV_TARGET_URL, "http://127.0.0.1:9/x"),
             (ENV_MQTT_RECONNECT_MAX_MS, "500"),
         ],
-        dir.path(),
     )
-    .await
-    .unwrap();
-    let client = http1_client();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
-        let status = client
-            .get(service.url(READYZ_PATH))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    .await;
+    assert_never_ready(
+        &service.url(READYZ_PATH),
+        Duration::from_secs(3),
+        || async {},
+    )
+    .await;
     let needle = format!("\"capability\":\"{capability}\"");
     let lines = log_lines(dir.path(), "proxy2-1", &needle);
     println!("{capability}: {lines} refusal lines in 3 s");

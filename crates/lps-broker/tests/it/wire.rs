@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use lps_testkit::scripted::encode_varint;
+
 /// How long any single wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -75,7 +77,7 @@ impl Prop {
             }
             Self::SubscriptionId(v) => {
                 out.push(0x0B);
-                varint(*v as usize, out);
+                encode_varint(*v as usize, out);
             }
             Self::SessionExpiry(v) => u32_prop(out, 0x11, *v),
             Self::AssignedClientId(v) => str_prop(out, 0x12, v),
@@ -179,32 +181,20 @@ fn string(out: &mut Vec<u8>, v: &str) {
     binary(out, v.as_bytes());
 }
 
-/// A variable byte integer (§1.5.5).
-fn varint(mut value: usize, out: &mut Vec<u8>) {
-    loop {
-        let byte = (value % 128) as u8;
-        value /= 128;
-        out.push(if value > 0 { byte | 0x80 } else { byte });
-        if value == 0 {
-            return;
-        }
-    }
-}
-
 /// Properties with their length in front (§2.2.2.1).
 fn properties(out: &mut Vec<u8>, props: &[Prop]) {
     let mut encoded = Vec::new();
     for prop in props {
         prop.encode(&mut encoded);
     }
-    varint(encoded.len(), out);
+    encode_varint(encoded.len(), out);
     out.extend(encoded);
 }
 
 /// A packet: fixed header byte, remaining length, variable header and payload (§2.1).
 fn frame(header: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![header];
-    varint(body.len(), &mut out);
+    encode_varint(body.len(), &mut out);
     out.extend(body);
     out
 }

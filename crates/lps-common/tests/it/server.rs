@@ -136,20 +136,10 @@ async fn stop_drains_in_flight_requests() {
     let url = server.url("/slow");
     let in_flight = tokio::spawn(async move { http1_client().post(url).send().await });
     // Wait until the request is inside the handler, then stop the server.
-    let metrics_url = server.url(METRICS_PATH);
-    lps_testkit::eventually("request in flight", Duration::from_secs(5), || {
-        let url = metrics_url.clone();
-        async move {
-            let text = http1_client()
-                .get(url)
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            text.contains("http_requests_in_flight 2").then_some(())
-        }
+    let base = server.url("");
+    lps_testkit::eventually("request in flight", Duration::from_secs(5), || async {
+        let text = lps_testkit::try_scrape(&base).await?;
+        text.contains("http_requests_in_flight 2").then_some(())
     })
     .await;
     let addr = server.addr;

@@ -18,6 +18,12 @@ fn encode(registry: &Registry) -> String {
     text
 }
 
+/// Asserts that the counter `name` of `registry` (unlabelled) stands at `value`.
+fn assert_counter(registry: &Registry, name: &str, value: u64) {
+    let text = encode(registry);
+    assert!(text.contains(&format!("{name} {value}\n")), "{text}");
+}
+
 async fn post(upstream: &Upstream) -> Result<StatusCode, UpstreamError> {
     upstream
         .post_json("{}".into(), &RequestId::generate())
@@ -40,11 +46,7 @@ async fn a_dead_target_in_the_list_is_skipped() {
     }
     assert_eq!(recorder.requests().len(), 20);
     // One failed connect, then the dead target sits out its cool-down.
-    assert!(
-        encode(&registry).contains("upstream_connect_retries_total 1\n"),
-        "{}",
-        encode(&registry)
-    );
+    assert_counter(&registry, "upstream_connect_retries_total", 1);
 }
 
 #[tokio::test]
@@ -134,9 +136,10 @@ async fn upstream_status_and_timeout_are_reported() {
 }
 
 /// Two recorders on the same port of 127.0.0.1 and 127.0.0.2, a name pointing at the
-/// first, and an upstream resolving through a table the test controls.
+/// first, and an upstream (its configuration set by `configure`) resolving through a table
+/// the test controls.
 async fn moving_name(
-    skip_dns_cache: bool,
+    configure: impl FnOnce(&mut UpstreamConfig),
 ) -> (
     Recorder,
     TestServer,
@@ -159,7 +162,7 @@ async fn moving_name(
     table.set("backend", vec![IpAddr::from([127, 0, 0, 1])]);
     let mut config =
         UpstreamConfig::for_targets(parse_targets(&format!("http://backend:{port}/x")).unwrap());
-    config.skip_dns_cache = skip_dns_cache;
+    configure(&mut config);
     let mut registry = Registry::default();
     let upstream = Upstream::with_lookup(&config, table.clone(), &mut registry).unwrap();
     (a, server_a, b, server_b, table, upstream, registry)
@@ -167,7 +170,8 @@ async fn moving_name(
 
 #[tokio::test]
 async fn cached_name_is_followed_to_its_new_address_after_a_failed_connect() {
-    let (a, server_a, b, server_b, table, upstream, registry) = moving_name(false).await;
+    let (a, server_a, b, server_b, table, upstream, registry) =
+        moving_name(|c| c.skip_dns_cache = false).await;
     post(&upstream).await.unwrap();
     table.set("backend", vec![IpAddr::from([127, 0, 0, 2])]);
     post(&upstream).await.unwrap();
@@ -182,12 +186,13 @@ async fn cached_name_is_followed_to_its_new_address_after_a_failed_connect() {
     let host = format!("backend:{}", server_b.addr.port());
     assert_eq!(b.requests()[0].header("host"), Some(host.as_str()));
     assert_eq!(upstream.dns().lookups(), 2);
-    assert!(encode(&registry).contains("upstream_connect_retries_total 1\n"));
+    assert_counter(&registry, "upstream_connect_retries_total", 1);
 }
 
 #[tokio::test]
 async fn skip_dns_cache_resolves_every_new_connection() {
-    let (a, server_a, b, _server_b, table, upstream, registry) = moving_name(true).await;
+    let (a, server_a, b, _server_b, table, upstream, registry) =
+        moving_name(|c| c.skip_dns_cache = true).await;
     post(&upstream).await.unwrap();
     table.set("backend", vec![IpAddr::from([127, 0, 0, 2])]);
     server_a.stop().await;
@@ -195,11 +200,7 @@ async fn skip_dns_cache_resolves_every_new_connection() {
     assert_eq!((a.requests().len(), b.requests().len()), (1, 1));
     // Resolved afresh for the new connection: no failed connect on the way.
     assert_eq!(upstream.dns().lookups(), 2);
-    assert!(
-        encode(&registry).contains("upstream_connect_retries_total 0\n"),
-        "{}",
-        encode(&registry)
-    );
+    assert_counter(&registry, "upstream_connect_retries_total", 0);
 }
 
 /// A target that stops answering (a peer gone without a reset, a name moved to a new
@@ -209,24 +210,11 @@ async fn skip_dns_cache_resolves_every_new_connection() {
 #[tokio::test]
 async fn a_timeout_drops_the_targets_pooled_connections_and_cached_address() {
     for http2 in [false, true] {
-        let (a, b) = (Recorder::new(), Recorder::new());
-        let _server_a = TestServer::start(a.router()).await;
-        let port = _server_a.addr.port();
-        let _server_b = TestServer::start_on(
-            SocketAddr::from(([127, 0, 0, 2], port)),
-            b.router(),
-            Protocols::default(),
-        )
+        let (a, _server_a, b, _server_b, table, upstream, registry) = moving_name(|c| {
+            c.http2 = http2;
+            c.request_timeout = Duration::from_millis(500);
+        })
         .await;
-        let table = Arc::new(StaticLookup::new(Duration::from_secs(600)));
-        table.set("backend", vec![IpAddr::from([127, 0, 0, 1])]);
-        let mut config = UpstreamConfig::for_targets(
-            parse_targets(&format!("http://backend:{port}/x")).unwrap(),
-        );
-        config.http2 = http2;
-        config.request_timeout = Duration::from_millis(500);
-        let mut registry = Registry::default();
-        let upstream = Upstream::with_lookup(&config, table.clone(), &mut registry).unwrap();
         // Two requests at once: two pooled HTTP/1.1 connections (or one h2 connection).
         a.respond(200, Duration::from_millis(100));
         let (first, second) = tokio::join!(post(&upstream), post(&upstream));
@@ -244,10 +232,6 @@ async fn a_timeout_drops_the_targets_pooled_connections_and_cached_address() {
             .unwrap_or_else(|e| panic!("http2={http2}: {e}"));
         assert_eq!(b.requests().len(), 1, "http2={http2}");
         assert_eq!(a.requests().len(), 3, "http2={http2}");
-        assert!(
-            encode(&registry).contains("upstream_pool_renewals_total 1\n"),
-            "{}",
-            encode(&registry)
-        );
+        assert_counter(&registry, "upstream_pool_renewals_total", 1);
     }
 }

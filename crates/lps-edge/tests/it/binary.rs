@@ -7,20 +7,13 @@ use std::time::Duration;
 use lps_common::config::{ENV_MQTT_PORT, ENV_PROXY_ALLOWED_PORTS, ENV_PROXY_HOST, ENV_PROXY_PORT};
 use lps_common::net::free_port;
 use lps_common::wire::HEALTHZ_PATH;
-use lps_testkit::ChildService;
+use lps_testkit::{ChildService, exits_64};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_lps-edge");
 
 #[tokio::test]
 async fn a_bad_value_exits_64_naming_the_variable() {
-    let output = tokio::process::Command::new(BINARY)
-        .env_clear()
-        .env(ENV_PROXY_ALLOWED_PORTS, "80,ssh")
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stderr = exits_64(BINARY, &[], &[(ENV_PROXY_ALLOWED_PORTS, "80,ssh")]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("PROXY_ALLOWED_PORTS=\"80,ssh\""),

@@ -47,6 +47,15 @@ async fn backend() -> TestServer {
     TestServer::start(app).await
 }
 
+/// An edge with its forward proxy only (no WebSocket bridge), allowed to reach `ports`
+/// (comma-separated), with `extra` variables.
+async fn proxy_only(ports: &str, extra: &[(&str, &str)]) -> Edge {
+    let mut env = vec![(ENV_PROXY_ALLOWED_PORTS, ports)];
+    env.extend_from_slice(extra);
+    env.push((ENV_WS_ENABLED, "false"));
+    Edge::start(1, &env).await
+}
+
 fn get(port: u16, path: &str) -> String {
     format!("GET http://127.0.0.1:{port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
 }
@@ -62,14 +71,7 @@ async fn pipelined_absolute_form_requests_come_back_in_order() {
     let backend = backend().await;
     let port = backend.addr.port();
     let port_list = port.to_string();
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &port_list),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&port_list, &[]).await;
     let mut stream = TcpStream::connect(edge.proxy()).await.unwrap();
     let pipelined = [
         get(port, "/delay/300"),
@@ -162,14 +164,7 @@ async fn tls_backend() -> (u16, CertificateDer<'static>) {
 async fn the_connect_tunnel_carries_a_tls_session() {
     let (port, cert) = tls_backend().await;
     let port_list = port.to_string();
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &port_list),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&port_list, &[]).await;
     let target = format!("localhost:{port}");
     let (tcp, response) = harness::proxy_request(edge.proxy(), &connect(&target, "")).await;
     assert_eq!(response.0, 200, "{response:?}");
@@ -230,15 +225,7 @@ async fn requests_without_credentials_get_407() {
     let backend = backend().await;
     let port = backend.addr.port();
     let port_list = port.to_string();
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &port_list),
-            (ENV_PROXY_AUTH, "user:s3cret"),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&port_list, &[(ENV_PROXY_AUTH, "user:s3cret")]).await;
     let basic = |pair: &str| {
         format!(
             "Proxy-Authorization: Basic {}\r\n",
@@ -294,11 +281,7 @@ async fn requests_without_credentials_get_407() {
 async fn a_disallowed_port_is_refused_without_connecting() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let edge = Edge::start(
-        1,
-        &[(ENV_PROXY_ALLOWED_PORTS, "443"), (ENV_WS_ENABLED, "false")],
-    )
-    .await;
+    let edge = proxy_only("443", &[]).await;
     for request in [connect(&format!("127.0.0.1:{port}"), ""), get(port, "/")] {
         let (_, response) = harness::proxy_request(edge.proxy(), &request).await;
         assert_eq!(response.0, 403, "{request}");
@@ -322,14 +305,7 @@ async fn a_disallowed_port_is_refused_without_connecting() {
 async fn a_backend_killed_mid_tunnel_tears_the_tunnel_down() {
     let mut broker = Mosquitto::start().await;
     let port_list = broker.port.to_string();
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &port_list),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&port_list, &[]).await;
     let (mut tunnel, response) = harness::proxy_request(
         edge.proxy(),
         &connect(&format!("127.0.0.1:{}", broker.port), ""),
@@ -367,15 +343,7 @@ async fn the_connection_limit_holds_new_connections_until_a_place_frees() {
     let backend = backend().await;
     let closed = lps_testkit::ClosedPort::new();
     let ports = format!("{},{}", backend.addr.port(), closed.port);
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &ports),
-            (ENV_PROXY_MAX_CONNECTIONS, "1"),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&ports, &[(ENV_PROXY_MAX_CONNECTIONS, "1")]).await;
     let (first, response) =
         harness::proxy_request(edge.proxy(), &connect(&backend.addr.to_string(), "")).await;
     assert_eq!(response.0, 200);
@@ -428,14 +396,7 @@ async fn bodies_larger_than_the_buffers_stream_through_intact() {
     let backend = TestServer::start(app).await;
     let port = backend.addr.port();
     let port_list = port.to_string();
-    let edge = Edge::start(
-        1,
-        &[
-            (ENV_PROXY_ALLOWED_PORTS, &port_list),
-            (ENV_WS_ENABLED, "false"),
-        ],
-    )
-    .await;
+    let edge = proxy_only(&port_list, &[]).await;
     let mut stream = TcpStream::connect(edge.proxy()).await.unwrap();
     let mut buffer = BytesMut::new();
     let upload: Vec<u8> = (0..SIZE / 2).map(pattern).collect();

@@ -7,7 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use lps_common::config::{ENV_WS_ENABLED, ENV_WS_MAX_CONNECTIONS};
 use lps_common::wire::HEALTHZ_PATH;
 use lps_testkit::mosquitto::Mosquitto;
-use mqtt5::{ConnectOptions, MqttClient, PublishResult, QoS, SubscribeOptions};
+use mqtt5::{ConnectOptions, MqttClient, PublishResult};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{self, Edge, MqttReader, mqtt};
@@ -26,29 +26,7 @@ async fn subscriber(
     broker: &Mosquitto,
     filter: &str,
 ) -> (MqttClient, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
-    let client = MqttClient::new(format!("sub-{}", std::process::id()));
-    client
-        .connect(&format!("mqtt://127.0.0.1:{}", broker.port))
-        .await
-        .expect("subscriber connects");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    client
-        .subscribe_with_options(
-            filter,
-            SubscribeOptions {
-                qos: QoS::ExactlyOnce,
-                ..SubscribeOptions::default()
-            },
-            move |m| {
-                sink.lock()
-                    .unwrap()
-                    .push((m.topic.clone(), m.payload.to_vec()))
-            },
-        )
-        .await
-        .expect("subscribe");
-    (client, seen)
+    lps_testkit::collector(broker, filter, |m| Some((m.topic, m.payload.to_vec()))).await
 }
 
 async fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {

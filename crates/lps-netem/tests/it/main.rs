@@ -3,6 +3,7 @@
 
 mod harness;
 mod integrity;
+mod pingpong;
 mod profile;
 mod rate;
 mod rtt;

@@ -1,40 +1,11 @@
 //! (a) The round-trip time a relay adds to small request/response ping-pongs.
 
-use std::net::SocketAddr;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::harness::{echo_server, ms_since, quantile, shaper, shaper_with, within};
-
-/// `clients` connections in parallel, `rounds` ping-pongs of 64 bytes each; the sorted
-/// round-trip times in ms.
-async fn ping_pongs(addr: SocketAddr, clients: usize, rounds: usize) -> Vec<f64> {
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut stream = TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (ping, mut pong) = ([7u8; 64], [0u8; 64]);
-                let mut rtts = Vec::with_capacity(rounds);
-                for _ in 0..rounds {
-                    let start = Instant::now();
-                    stream.write_all(&ping).await.unwrap();
-                    stream.read_exact(&mut pong).await.unwrap();
-                    rtts.push(ms_since(start));
-                }
-                rtts
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    all.sort_by(f64::total_cmp);
-    all
-}
+use crate::pingpong::ping_pongs;
 
 /// Upstream's profile both ways: the RTT gains two delays of N(30 ms, 3 ms), so a median
 /// of 60 ms and σ = √2 · 3 = 4.24 ms. Tolerances: median within −5 %/+10 % (Tokio's

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lps_netem::Shaper;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -15,6 +16,20 @@ const PROFILE: &str = "delay=20ms,jitter=2ms,rate=50mbit";
 async fn drain(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut all = Vec::new();
     stream.read_to_end(&mut all).await.map(|_| all)
+}
+
+/// Asserts that a new client of `relay` is reset within 5 s (`what`: what it waits for):
+/// its connect or its read fails with a reset.
+async fn assert_client_reset(relay: &Shaper, what: &str) {
+    let got = within(5, what, async {
+        let mut client = TcpStream::connect(relay.local_addr()).await?;
+        drain(&mut client).await
+    })
+    .await;
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 }
 
 /// A target that runs `serve` on its first connection.
@@ -83,15 +98,7 @@ async fn a_target_reset_resets_the_client() {
     })
     .await;
     let relay = shaper(addr, PROFILE);
-    let got = within(5, "reset from the target", async {
-        let mut client = TcpStream::connect(relay.local_addr()).await?;
-        drain(&mut client).await
-    })
-    .await;
-    assert_eq!(
-        got.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset)
-    );
+    assert_client_reset(&relay, "reset from the target").await;
 }
 
 /// A client that resets: the target's read fails with a reset too.
@@ -133,15 +140,7 @@ async fn an_unreachable_target_resets_the_client() {
         .unwrap();
     let relay = shaper(closed, PROFILE);
     // The reset may come before the client's connect has returned.
-    let got = within(5, "reset for an unreachable target", async {
-        let mut client = TcpStream::connect(relay.local_addr()).await?;
-        drain(&mut client).await
-    })
-    .await;
-    assert_eq!(
-        got.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset)
-    );
+    assert_client_reset(&relay, "reset for an unreachable target").await;
     assert_eq!(relay.stats().target_failures, 1);
 }
 

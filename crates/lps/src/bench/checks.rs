@@ -55,16 +55,7 @@ fn added_latency(figures: &[Figure], most: usize) -> Option<Check> {
 fn relay_memory(figures: &[Figure]) -> Option<Check> {
     let big = figures
         .iter()
-        .filter(|f| {
-            matches!(
-                f.key,
-                Key::Http {
-                    hop: Hop::Relay,
-                    body: Some(bytes),
-                    ..
-                } if bytes >= 1 << 20
-            )
-        })
+        .filter(|f| f.key.relay_body().is_some_and(|bytes| bytes >= 1 << 20))
         .max_by_key(|f| f.body_bytes)?;
     let relay = big.processes.iter().find(|p| p.name == "ars-comp-2")?;
     let product = (big.body_bytes * big.connections) as f64 / f64::from(1 << 20);

@@ -294,6 +294,20 @@ fn pair(report: &mut Report, ceiling: &mut Option<Figure>, figure: Figure, upstr
     report.figures.push(figure);
 }
 
+/// Adds the closed-loop figure `(name, bytes, outcome, measured)` of [`CONNECTIONS`]
+/// connections and `bytes` bodies to the report, paired as [`pair`] does, the seed's figure
+/// for `bytes` taken from `seed`.
+fn pair_closed(
+    report: &mut Report,
+    ceiling: &mut Option<Figure>,
+    (name, bytes, outcome, measured): (String, usize, Outcome, Measured),
+    seed: &[(usize, f64)],
+) {
+    let shape = (CONNECTIONS, bytes, Mode::Closed);
+    let figure = edge_figure(name, shape, outcome, measured);
+    pair(report, ceiling, figure, seed_figure(seed, bytes));
+}
+
 /// Seconds for wrk, which takes whole seconds.
 fn whole_seconds(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
@@ -363,14 +377,8 @@ async fn forward(
                 first_error: parsed.first_error.clone(),
                 latency_ms: [parsed.p50_ms, parsed.p99_ms, parsed.max_ms],
             };
-            let shape = (CONNECTIONS, bytes, Mode::Closed);
-            let figure = edge_figure(name, shape, outcome, measured);
-            pair(
-                report,
-                &mut ceiling,
-                figure,
-                seed_figure(&seed::FORWARD, bytes),
-            );
+            let figure = (name, bytes, outcome, measured);
+            pair_closed(report, &mut ceiling, figure, &seed::FORWARD);
         }
     }
     Ok(())
@@ -565,14 +573,8 @@ async fn connect_tls(
                 first_error,
                 latency_ms: quantiles(&latencies),
             };
-            let shape = (CONNECTIONS, bytes, Mode::Closed);
-            let figure = edge_figure(name, shape, outcome, measured);
-            pair(
-                report,
-                &mut ceiling,
-                figure,
-                seed_figure(&seed::CONNECT_TLS, bytes),
-            );
+            let figure = (name, bytes, outcome, measured);
+            pair_closed(report, &mut ceiling, figure, &seed::CONNECT_TLS);
         }
     }
     Ok(())

@@ -115,6 +115,19 @@ impl Key {
             body: None,
         }
     }
+
+    /// The body of a relay figure of the size matrix (`relay http1 c50 16KiB`); `None`
+    /// for every other figure.
+    pub fn relay_body(&self) -> Option<usize> {
+        match self {
+            Self::Http {
+                hop: Hop::Relay,
+                body,
+                ..
+            } => *body,
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Key {

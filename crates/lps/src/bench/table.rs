@@ -183,16 +183,7 @@ fn sizes(out: &mut String, report: &Report) {
     let relays: Vec<&Figure> = report
         .figures
         .iter()
-        .filter(|f| {
-            matches!(
-                f.key,
-                Key::Http {
-                    hop: Hop::Relay,
-                    body: Some(_),
-                    ..
-                }
-            )
-        })
+        .filter(|f| f.key.relay_body().is_some())
         .collect();
     if relays.is_empty() {
         return;

@@ -20,11 +20,12 @@ use lps_common::service::HEALTHCHECK_PATH;
 use lps_common::upstream::UpstreamConfig;
 use serde::Deserialize;
 
+use crate::support::{MOSQUITTO_CONF, mosquitto_listener, repo, topic_matches, upstream_targets};
+
 const LEGACY: &str = "docker-compose-legacy.yml";
 const NG: &str = "docker-compose-ng.yml";
 const NG_NETEM: &str = "docker-compose-netem.yml";
 const LEGACY_NETEM: &str = "docker-compose-legacy-netem.yml";
-const MOSQUITTO_CONF: &str = "mosquitto/mosquitto.conf";
 
 /// Where the logs of every LPS container go (and the image's `LOG_DIR`).
 const LOG_DIR: &str = "/app/logs";
@@ -137,10 +138,6 @@ impl Service {
             } => (context.clone(), dockerfile.clone(), target.clone()),
         })
     }
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Reads `files` as `docker compose -f A -f B` would merge them (services added or
@@ -274,30 +271,6 @@ fn expected(topology: Topology) -> Vec<ServiceSpec> {
     )
 }
 
-/// The port Mosquitto listens on with the configuration compose mounts.
-fn mosquitto_listener() -> u16 {
-    std::fs::read_to_string(repo().join(MOSQUITTO_CONF))
-        .expect("mosquitto.conf")
-        .lines()
-        .find_map(|l| l.strip_prefix("listener "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .expect("a `listener PORT` line in mosquitto.conf")
-}
-
-/// Whether an MQTT topic matches a filter (`+` one level, `#` the rest).
-fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut topic = topic.split('/');
-    for level in filter.split('/') {
-        match (level, topic.next()) {
-            ("#", _) => return true,
-            ("+", Some(_)) => {}
-            (l, Some(t)) if l == t => {}
-            _ => return false,
-        }
-    }
-    topic.next().is_none()
-}
-
 // ---------------------------------------------------------------------------------------
 // The checks
 // ---------------------------------------------------------------------------------------
@@ -325,14 +298,9 @@ fn wiring(program: Program, service: &Service) -> Result<Wiring, String> {
     let env = service.env();
     let err = |e: lps_common::config::ConfigError| format!("its binary rejects the env: {e}");
     let targets = |u: &UpstreamConfig| {
-        u.targets
-            .iter()
-            .map(|t| {
-                (
-                    t.host_str().unwrap_or_default().to_owned(),
-                    t.port_or_known_default().unwrap_or_default(),
-                )
-            })
+        upstream_targets(u)
+            .into_iter()
+            .map(|(host, port, _)| (host, port))
             .collect()
     };
     let probed =

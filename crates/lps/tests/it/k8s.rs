@@ -10,21 +10,21 @@
 //! reports every problem it finds, naming the overlay and the workload.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use clap::Parser;
 use lps::topology::{self, Broker, Health, Options, Program, ServiceSpec, Topology};
 use lps_common::config::{ENV_LOG_DIR, ENV_SERVICE_NAME, ENV_SIM_MODEL, ENV_TARGET_URL};
-use lps_common::upstream::UpstreamConfig;
 use lps_common::wire::HEALTHZ_PATH;
 use serde_json::Value;
+
+use crate::support::{MOSQUITTO_CONF, mosquitto_listener, repo, topic_matches, upstream_targets};
 
 /// The overlays under deploy/k8s/overlays/.
 const OVERLAYS: [&str; 3] = ["legacy", "ng", "ng-emqx"];
 
-const MOSQUITTO_CONF: &str = "mosquitto/mosquitto.conf";
 const COMPOSE_NG: &str = "docker-compose-ng.yml";
 
 /// Where the image writes logs when `LOG_DIR` is unset (the Dockerfile's `ENV LOG_DIR`).
@@ -44,10 +44,6 @@ const SAFE_SYSCTLS: [&str; 10] = [
     "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
 ];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 // ---------------------------------------------------------------------------------------
 // Rendering and the rendered model
@@ -486,27 +482,15 @@ fn wiring(
     args: &[String],
 ) -> Result<Wiring, String> {
     let err = |e: lps_common::config::ConfigError| format!("its binary rejects the env: {e}");
-    let targets = |u: &UpstreamConfig| {
-        u.targets
-            .iter()
-            .map(|t| {
-                (
-                    t.host_str().unwrap_or_default().to_owned(),
-                    t.port_or_known_default().unwrap_or_default(),
-                    t.path().to_owned(),
-                )
-            })
-            .collect()
-    };
     let mut w = Wiring::default();
     match program {
         Program::ArsComp1 => {
             let c = ars_comp_1::Config::from_lookup(env).map_err(err)?;
-            (w.bind, w.targets) = (c.server.port, targets(&c.upstream));
+            (w.bind, w.targets) = (c.server.port, upstream_targets(&c.upstream));
         }
         Program::ArsComp2 => {
             let c = ars_comp_2::Config::from_lookup(env).map_err(err)?;
-            (w.bind, w.targets) = (c.server.port, targets(&c.upstream));
+            (w.bind, w.targets) = (c.server.port, upstream_targets(&c.upstream));
         }
         Program::LegacyProxy1 => {
             let c = legacy_proxy_1::Config::from_lookup(env).map_err(err)?;
@@ -518,7 +502,7 @@ fn wiring(
         }
         Program::LegacyProxy2 => {
             let c = legacy_proxy_2::Config::from_lookup(env).map_err(err)?;
-            (w.bind, w.targets) = (c.server.port, targets(&c.upstream));
+            (w.bind, w.targets) = (c.server.port, upstream_targets(&c.upstream));
             w.broker = Some((c.mqtt.host, c.mqtt.port));
             w.client_id = Some(c.mqtt.client_id);
             w.filters = lps_common::wire::bridge_filters(&c.group).into();
@@ -544,29 +528,6 @@ fn wiring(
         }
     }
     Ok(w)
-}
-
-fn mosquitto_listener() -> u16 {
-    std::fs::read_to_string(repo().join(MOSQUITTO_CONF))
-        .expect("mosquitto.conf")
-        .lines()
-        .find_map(|l| l.strip_prefix("listener "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .expect("a `listener PORT` line in mosquitto.conf")
-}
-
-/// Whether an MQTT topic matches a filter (`+` one level, `#` the rest).
-fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut topic = topic.split('/');
-    for level in filter.split('/') {
-        match (level, topic.next()) {
-            ("#", _) => return true,
-            ("+", Some(_)) => {}
-            (l, Some(t)) if l == t => {}
-            _ => return false,
-        }
-    }
-    topic.next().is_none()
 }
 
 /// `$share/<group>/<filter>` → `<filter>`.

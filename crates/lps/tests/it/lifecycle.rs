@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lps::stale::parent_of;
+use lps::stale::{environment, parent_of};
 use lps_common::config::{ENV_HTTP_HOST, ENV_HTTP_PORT, ENV_LOG_DIR, ENV_SERVICE_NAME};
 use lps_testkit::eventually;
 use nix::sys::signal::Signal;
@@ -88,11 +88,45 @@ impl Lps {
 
     /// Its live child processes.
     fn children(&self) -> Vec<i32> {
-        processes()
-            .into_iter()
-            .filter(|&p| parent_of(p) == Some(self.pid))
-            .collect()
+        children_of(self.pid)
     }
+
+    /// Sends it `signal` once its `expected` services are noted (as [`services`] finds
+    /// them).
+    fn signal_services(&self, expected: usize, signal: Signal) -> Signalled {
+        let (pids, ports) = services(self, expected);
+        let at = Instant::now();
+        self.signal(signal);
+        Signalled {
+            supervisor: self.pid,
+            pids,
+            ports,
+            at,
+        }
+    }
+}
+
+/// The services of an `lps` as they were when a signal was sent to it.
+struct Signalled {
+    supervisor: i32,
+    pids: Vec<i32>,
+    ports: Vec<u16>,
+    at: Instant,
+}
+
+impl Signalled {
+    /// Waits up to `within` (from the signal) until nothing of them is left.
+    async fn nothing_left(&self, within: Duration) {
+        nothing_left(self.supervisor, &self.pids, &self.ports, self.at, within).await;
+    }
+}
+
+/// The live child processes of `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|&p| parent_of(p) == Some(pid))
+        .collect()
 }
 
 fn processes() -> Vec<i32> {
@@ -100,17 +134,6 @@ fn processes() -> Vec<i32> {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-fn environment(pid: i32, key: &str) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ.split(|&b| b == 0).find_map(|entry| {
-        let entry = std::str::from_utf8(entry).ok()?;
-        entry
-            .strip_prefix(key)?
-            .strip_prefix('=')
-            .map(str::to_owned)
-    })
 }
 
 /// Live processes marked as services of the `lps` with pid `supervisor`.
@@ -217,11 +240,9 @@ const NG_SERVICES: usize = 14;
 async fn up_killed_with_sigkill_leaves_no_service_not_even_the_broker() {
     let dir = tempfile::tempdir().unwrap();
     let mut lps = up(&["ng", "--broker", "mosquitto"], &dir.path().join("run")).await;
-    let (pids, ports) = services(&lps, NG_SERVICES);
-    let killed = Instant::now();
-    lps.signal(Signal::SIGKILL);
+    let killed = lps.signal_services(NG_SERVICES, Signal::SIGKILL);
     lps.exit(Duration::from_secs(5)).await;
-    nothing_left(lps.pid, &pids, &ports, killed, Duration::from_secs(2)).await;
+    killed.nothing_left(Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,10 +250,8 @@ async fn up_stopped_by_sighup_stops_every_service_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut lps = up(&["ng", "--broker", "embedded"], &run).await;
-    let (pids, ports) = services(&lps, NG_SERVICES);
-    let hung_up = Instant::now();
-    lps.signal(Signal::SIGHUP);
-    nothing_left(lps.pid, &pids, &ports, hung_up, Duration::from_secs(2)).await;
+    let hung_up = lps.signal_services(NG_SERVICES, Signal::SIGHUP);
+    hung_up.nothing_left(Duration::from_secs(2)).await;
     let status = lps.exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{status}\n{}", lps.output());
     assert!(
@@ -308,10 +327,7 @@ async fn a_closed_terminal_stops_every_service_cleanly() {
         .expect("up within 60 s")
         .unwrap();
     assert!(shown.contains("press Ctrl-C"), "{shown}");
-    let pids: Vec<i32> = processes()
-        .into_iter()
-        .filter(|&p| parent_of(p) == Some(pid))
-        .collect();
+    let pids = children_of(pid);
     assert_eq!(pids.len(), 7, "{pids:?}");
     let ports: Vec<u16> = pids.iter().map(|&p| port_of(p)).collect();
     let hung_up = Instant::now();
@@ -350,11 +366,9 @@ async fn experiment_killed_mid_load_leaves_nothing() {
             .then_some(())
     })
     .await;
-    let (pids, ports) = services(&lps, NG_SERVICES);
-    let killed = Instant::now();
-    lps.signal(Signal::SIGKILL);
+    let killed = lps.signal_services(NG_SERVICES, Signal::SIGKILL);
     lps.exit(Duration::from_secs(5)).await;
-    nothing_left(lps.pid, &pids, &ports, killed, Duration::from_secs(2)).await;
+    killed.nothing_left(Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,10 +393,9 @@ async fn ctrl_c_during_start_up_stops_what_was_started_and_says_so() {
         (lps.children().len() >= 5).then_some(())
     })
     .await;
-    let (pids, ports) = services(&lps, 5);
+    let interrupted = lps.signal_services(5, Signal::SIGINT);
+    // Its output only grows: not up when the signal came either.
     assert!(!lps.output().contains("press Ctrl-C"), "{}", lps.output());
-    let interrupted = Instant::now();
-    lps.signal(Signal::SIGINT);
     let status = lps.exit(Duration::from_secs(30)).await;
     let output = lps.output();
     assert_eq!(status.code(), Some(130), "128 + SIGINT\n{output}");
@@ -397,7 +410,7 @@ async fn ctrl_c_during_start_up_stops_what_was_started_and_says_so() {
         "{output}"
     );
     // lps has exited: what it started is gone with it, reaped.
-    nothing_left(lps.pid, &pids, &ports, interrupted, Duration::from_secs(30)).await;
+    interrupted.nothing_left(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,9 +430,7 @@ async fn ctrl_c_during_a_bench_stops_its_services() {
         out.to_str().unwrap(),
     ]);
     lps.wait_for("bench: direct", Duration::from_secs(60)).await;
-    let (pids, ports) = services(&lps, 2);
-    let interrupted = Instant::now();
-    lps.signal(Signal::SIGINT);
+    let interrupted = lps.signal_services(2, Signal::SIGINT);
     let status = lps.exit(Duration::from_secs(30)).await;
     let output = lps.output();
     assert_eq!(status.code(), Some(130), "{output}");
@@ -427,7 +438,7 @@ async fn ctrl_c_during_a_bench_stops_its_services() {
         output.contains("interrupted by SIGINT (Ctrl-C): stopping the services"),
         "{output}"
     );
-    nothing_left(lps.pid, &pids, &ports, interrupted, Duration::from_secs(30)).await;
+    interrupted.nothing_left(Duration::from_secs(30)).await;
     assert!(!out.join("bench.json").exists());
 }
 
@@ -512,20 +523,11 @@ async fn a_run_left_behind_is_named_and_replaced() {
         .await
         .expect("the leftover was stopped")
         .unwrap();
-    let (pids, ports) = services(&replaced, 7);
-    assert!(ports.contains(&port), "{ports:?}");
-    let stopping = Instant::now();
-    replaced.signal(Signal::SIGINT);
+    let stopping = replaced.signal_services(7, Signal::SIGINT);
+    assert!(stopping.ports.contains(&port), "{:?}", stopping.ports);
     let status = replaced.exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}\n{}", replaced.output());
-    nothing_left(
-        replaced.pid,
-        &pids,
-        &ports,
-        stopping,
-        Duration::from_secs(1),
-    )
-    .await;
+    stopping.nothing_left(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]

@@ -15,11 +15,7 @@ use lps_common::request_id::RequestId;
 use lps_common::wire::STORE_COMMAND;
 use rast_simulator::journal::LedgerRecord;
 
-use crate::support::Up;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use crate::support::{Up, repo};
 
 /// Runs `scripts/locust-env.sh` (once per test binary) and returns the `locust` executable.
 async fn locust() -> &'static Path {

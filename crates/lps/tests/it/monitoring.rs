@@ -8,10 +8,9 @@
 //! families (publish outcomes, routes, dead-letter reasons) have samples.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::Up;
+use crate::support::{Up, repo};
 use lps_common::mqtt::mqtt5::{MqttClient, PublishOptions, QoS};
 
 const DASHBOARD: &str = "monitoring/grafana/dashboards/lps.json";
@@ -25,10 +24,6 @@ const PROMETHEUS: [(&str, &str); 2] = [
 ];
 /// Labels Prometheus adds (the scrape configuration), not the services.
 const SCRAPE_LABELS: [&str; 4] = ["hop", "service", "job", "instance"];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn yaml(path: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -382,14 +377,7 @@ async fn every_metric_the_dashboard_queries_is_exposed_by_a_service() {
     let scrape = || async {
         let mut samples: Vec<Sample> = Vec::new();
         for (name, url) in &http {
-            let text = client
-                .get(format!("{url}/metrics"))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let text = lps_testkit::try_scrape(url).await?;
             samples.extend(
                 text.lines()
                     .filter_map(sample)

@@ -1,7 +1,7 @@
 //! Helpers shared by the tests of `lps` as a process.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -104,4 +104,53 @@ impl Drop for Up {
             }
         }
     }
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Mosquitto configuration of compose and Kubernetes, from the repository's root.
+pub const MOSQUITTO_CONF: &str = "mosquitto/mosquitto.conf";
+
+/// The port Mosquitto listens on with [`MOSQUITTO_CONF`].
+pub fn mosquitto_listener() -> u16 {
+    std::fs::read_to_string(repo().join(MOSQUITTO_CONF))
+        .expect("mosquitto.conf")
+        .lines()
+        .find_map(|l| l.strip_prefix("listener "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("a `listener PORT` line in mosquitto.conf")
+}
+
+/// Whether an MQTT topic matches a filter (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut topic = topic.split('/');
+    for level in filter.split('/') {
+        match (level, topic.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (l, Some(t)) if l == t => {}
+            _ => return false,
+        }
+    }
+    topic.next().is_none()
+}
+
+/// `(host, port, path)` of every target of `upstream`, as its service reads them.
+pub fn upstream_targets(
+    upstream: &lps_common::upstream::UpstreamConfig,
+) -> Vec<(String, u16, String)> {
+    upstream
+        .targets
+        .iter()
+        .map(|t| {
+            (
+                t.host_str().unwrap_or_default().to_owned(),
+                t.port_or_known_default().unwrap_or_default(),
+                t.path().to_owned(),
+            )
+        })
+        .collect()
 }

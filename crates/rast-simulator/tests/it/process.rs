@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 use lps_common::config::{ENV_LOG_DIR, ENV_SIM_MODEL, ENV_SIM_SERVICE_MS};
 use lps_common::wire::{HEALTHZ_PATH, STORE_PATH};
-use lps_testkit::{ChildService, eventually, http1_client};
+use lps_testkit::{ChildService, eventually, exits_64, http1_client};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_rast-simulator");
 
@@ -68,16 +68,7 @@ async fn writes_its_journal_in_log_dir_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn a_bad_model_exits_64() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(BINARY)
-        .args(["-m", "7"])
-        .env_clear()
-        .current_dir(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stderr = exits_64(BINARY, &["-m", "7"], &[]).await;
     assert!(
         stderr.contains("--model") && stderr.contains("0, fixed, exp or zero"),
         "{stderr}"
