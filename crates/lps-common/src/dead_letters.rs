@@ -3,7 +3,7 @@
 //! attempts), kept by the broker until an operator replays or clears them.
 //!
 //! Each dead letter is its own *retained* QoS 2 message on `<prefix>/<key>`
-//! ([`wire::dead_letter_topic`]; prefix `DEAD_LETTER_TOPIC`, default
+//! ([`crate::wire::dead_letter_topic`]; prefix `DEAD_LETTER_TOPIC`, default
 //! `legacy_proxy/dead_letter`; key a UUID v7 in simple form, unique and time-ordered). The
 //! broker keeps a retained message with no subscriber present and persists it (Mosquitto
 //! in its snapshot, the embedded broker in its file storage), so nothing has to listen.
