@@ -717,7 +717,8 @@ fn app(bridge: Arc<Bridge>, registry: Registry, max_body_bytes: usize) -> Router
 
 /// Connects, serves `listener` until `shutdown` fires, lets in-flight requests finish their
 /// handshakes, then disconnects. Returns [`SessionTakenOver`] (exit code 3 in the binary)
-/// when another instance took over the broker session. What the binary runs (see [`run`]) and what the tests run.
+/// when another instance took over the broker session. What the binary runs (see [`run`])
+/// and what the tests run.
 pub async fn serve(
     config: Config,
     listener: TcpListener,

@@ -1098,8 +1098,8 @@ fn app(bridge: &Bridge, registry: Registry, max_body_bytes: usize) -> Router {
 
 /// Runs the bridge, and its admin server on `listener`, until `shutdown` fires; then both
 /// drain (the bridge within `SHUTDOWN_GRACE_SECS`). Returns [`SessionTakenOver`] (exit
-/// code 3 in the binary) when another instance took over a broker session. What the binary runs (see [`run`]) and
-/// what the tests run.
+/// code 3 in the binary) when another instance took over a broker session. What the
+/// binary runs (see [`run`]) and what the tests run.
 pub async fn serve(
     config: Config,
     listener: TcpListener,

@@ -15,7 +15,7 @@
 //! | target | input | code under test |
 //! |---|---|---|
 //! | `alarm` | Request-Id, query string, JSON body | ars-comp-1's `POST /api/v1/simple` router |
-//! | `legacy_message` | Request-Id, body | `api::legacy_message` (`{"id","body"}` of ars-comp-2 and legacy-proxy-1) |
+//! | `legacy_message` | Request-Id, body | `api::legacy_message` (`{"id","body"}`; the reference of `api::legacy_payload`, which ars-comp-2 and legacy-proxy-1 use) |
 //! | `request_id` | the header value | `RequestId::from_headers` / `parse` |
 //! | `mqtt_payload` | the payload | `wire::validate_payload` (legacy-proxy-2's check) |
 //! | `simulator_command` | `METHOD /path`, Request-Id, body | the simulator's router |
@@ -177,8 +177,16 @@ pub fn legacy_message(data: &[u8]) {
     let body_id = serde_json::from_slice::<serde_json::Value>(parts[1])
         .ok()
         .and_then(|v| v.get("request_id").cloned());
+    let spliced = lps_common::api::legacy_payload(&headers, &Bytes::copy_from_slice(parts[1]));
     match lps_common::api::legacy_message(&headers, parts[1]) {
         Ok((message, id)) => {
+            // The splice sends what the parse and re-encoding would (an id it had to
+            // generate aside), or refuses alike.
+            let (payload, spliced_id) = spliced.expect("the splice accepts it too");
+            let mut expected = message.clone();
+            expected.request_id = Some(spliced_id.to_string());
+            let expected = serde_json::to_vec(&expected).expect("serialisable");
+            assert_eq!(payload.to_vec(), expected, "the splice's bytes");
             assert_eq!(message.request_id.as_deref(), Some(id.as_str()));
             assert!(RequestId::parse(id.as_str()).is_ok(), "{id}");
             if parts[0].is_empty() {
@@ -196,7 +204,10 @@ pub fn legacy_message(data: &[u8]) {
                 serde_json::from_slice(&sent).expect("round trip");
             assert_eq!(back, message);
         }
-        Err(error) => assert!(error.status.is_client_error(), "{error}"),
+        Err(error) => {
+            assert!(error.status.is_client_error(), "{error}");
+            assert_eq!(spliced.err(), Some(error), "the splice refuses alike");
+        }
     }
 }
 
