@@ -14,7 +14,7 @@ use clap::Parser;
 use lps::topology::{self, Broker, Health, Options, Program, ServiceSpec, Topology};
 use lps_common::config::{
     ENV_HTTP_PORT, ENV_LOG_DIR, ENV_MQTT_BROKER, ENV_MQTT_HOST, ENV_MQTT_PORT, ENV_MQTT_TOPIC,
-    ENV_SERVICE_NAME, ENV_SIM_MODEL, ENV_TARGET_URL,
+    ENV_SERVICE_NAME, ENV_SIM_MODEL, ENV_TARGET_URL, ENV_TOKIO_WORKER_THREADS,
 };
 use lps_common::service::HEALTHCHECK_PATH;
 use lps_common::upstream::UpstreamConfig;
@@ -498,6 +498,11 @@ fn check_topology(topology: Topology, compose: &Compose) -> Vec<String> {
             }
         }
         for (key, value) in &spec.env {
+            if key == ENV_TOKIO_WORKER_THREADS {
+                // Not wiring: the local topology's share of this machine's cores per
+                // replica. Containers take Tokio's default (README, settings).
+                continue;
+            }
             let want = equivalent(key, value, &by_port, broker_name);
             match service.environment.get(key) {
                 None => problem(format!("{key} missing (topology: {value})")),

@@ -442,12 +442,36 @@ async fn ctrl_c_during_a_bench_stops_its_services() {
     assert!(!out.join("bench.json").exists());
 }
 
+/// An offset that moves the legacy topology's seven ports (7081-7083, 8081-8084) onto
+/// ports free now and below the ephemeral range (`ip_local_port_range`, 32768 and up by
+/// default): a free port from the system is in that range, where another test's outgoing
+/// connection can take a neighbour of it before `lps up` binds (seen once in CI: "port …
+/// held by a process this user cannot see").
+fn quiet_offset() -> u16 {
+    const PORTS: [u16; 7] = [7081, 7082, 7083, 8081, 8082, 8083, 8084];
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let start = 1_000 + u16::try_from(std::process::id() % 5_000).unwrap_or(0);
+    let below = ephemeral.saturating_sub(8_084).max(start + 1);
+    (start..below)
+        .chain(start..u16::MAX - 8_084)
+        .step_by(11)
+        .find(|offset| {
+            PORTS
+                .iter()
+                .all(|port| std::net::TcpListener::bind(("127.0.0.1", port + offset)).is_ok())
+        })
+        .expect("a free offset below the ephemeral range")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_left_behind_is_named_and_replaced() {
     // The legacy topology at an offset that puts the simulator (8084) on a free port, where a
     // simulator "left behind" by a gone lps listens.
-    let port = lps_common::net::free_port();
-    let offset = port - 8084;
+    let offset = quiet_offset();
+    let port = 8084 + offset;
     let gone = std::process::Command::new("true").spawn().unwrap();
     let gone_pid = gone.id();
     let mut gone = gone;
