@@ -208,7 +208,7 @@ pub struct UpArgs {
     /// Added to every port (7081-7083, 8081-8084, ...), to run beside something else.
     #[arg(long, default_value_t = 0)]
     port_offset: u16,
-    /// Use free ports picked by the system instead of the compose ports.
+    /// Use free ports (below the kernel's ephemeral range) instead of the compose ports.
     #[arg(long, conflicts_with = "port_offset")]
     ephemeral_ports: bool,
     /// Stop the services an earlier `lps up` left behind on these ports first (without

@@ -142,7 +142,8 @@ pub enum Broker {
 pub struct Options {
     /// Added to every compose port.
     pub port_offset: u16,
-    /// Use free ports the system picks instead of the compose ports (tests, parallel runs).
+    /// Use free ports ([`lps_common::net::free_port`]) instead of the compose ports (tests,
+    /// parallel runs).
     pub ephemeral_ports: bool,
     /// Simulator arguments, e.g. `["-m", "fixed", "--workers", "4"]`.
     pub simulator_args: Vec<String>,
